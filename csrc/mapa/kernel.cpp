@@ -1,0 +1,365 @@
+#include "kernel.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "tiles.hpp"
+#include "topk.hpp"
+
+namespace mapa {
+namespace {
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+constexpr index_t kRows = 16;  // query rows per unit of parallel work
+
+// References cut into feature-major tiles of `tb` points (see tiles.hpp).
+struct PackedRefs {
+    index_t n = 0, d = 0, tb = 0, ld = 0, ntiles = 0;
+    bool expand = false;
+    std::vector<double> data;   // ntiles * d * ld
+    std::vector<double> norms;  // ntiles * ld, when expand
+
+    const double* tile(index_t t) const { return data.data() + t * d * ld; }
+    const double* norm(index_t t) const { return expand ? norms.data() + t * ld : nullptr; }
+    index_t len(index_t t) const { return std::min(tb, n - t * tb); }
+};
+
+template <class T>
+PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads) {
+    PackedRefs p;
+    p.n = n;
+    p.d = d;
+    p.tb = tile > 0 ? tile : default_tile(n, d);
+    p.ld = (p.tb + kTileAlign - 1) / kTileAlign * kTileAlign;
+    p.ntiles = (n + p.tb - 1) / p.tb;
+    p.expand = d > kDirectMaxFeatures;
+    p.data.assign(static_cast<std::size_t>(p.ntiles * d * p.ld), 0.0);
+    if (p.expand) p.norms.assign(static_cast<std::size_t>(p.ntiles * p.ld), 0.0);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (index_t t = 0; t < p.ntiles; ++t) {
+        double* dst = p.data.data() + t * d * p.ld;
+        const index_t len = p.len(t);
+        for (index_t j = 0; j < len; ++j) {
+            const T* row = x + (t * p.tb + j) * d;
+            double sq = 0.0;
+            for (index_t k = 0; k < d; ++k) {
+                const double v = static_cast<double>(row[k]);
+                dst[k * p.ld + j] = v;
+                sq += v * v;
+            }
+            if (p.expand) p.norms[t * p.ld + j] = sq;
+        }
+    }
+    return p;
+}
+
+// Query rows [r0, r0 + rows) as doubles, with their squared norms.
+struct RowBlock {
+    std::vector<double> y, ynorm, logits;
+    RowBlock(index_t d, index_t ld) : y(kRows * d), ynorm(kRows), logits(kRows * ld) {}
+
+    template <class T>
+    void load(const T* src, index_t r0, index_t rows, index_t d) {
+        for (index_t r = 0; r < rows; ++r) {
+            double sq = 0.0;
+            for (index_t k = 0; k < d; ++k) {
+                const double v = static_cast<double>(src[(r0 + r) * d + k]);
+                y[r * d + k] = v;
+                sq += v * v;
+            }
+            ynorm[r] = sq;
+        }
+    }
+};
+
+// Logits of the loaded rows against tile t, self terms set to -inf.
+void tile_logits(const PackedRefs& p, RowBlock& b, index_t r0, index_t rows, index_t t, double scale,
+                 bool exclude_self) {
+    if (p.expand) {
+        logits_expand(p.tile(t), p.norm(t), p.ld, p.d, b.y.data(), b.ynorm.data(), rows, scale,
+                      b.logits.data());
+    } else {
+        logits_direct(p.tile(t), p.ld, p.d, b.y.data(), rows, scale, b.logits.data());
+    }
+    if (exclude_self) {
+        const index_t c0 = t * p.tb, c1 = c0 + p.len(t);
+        for (index_t r = 0; r < rows; ++r) {
+            const index_t g = r0 + r;
+            if (g >= c0 && g < c1) b.logits[r * p.ld + (g - c0)] = kNegInf;
+        }
+    }
+}
+
+// Streaming log-sum-exp state of one row.
+struct Lse {
+    double max = kNegInf;
+    double sum = 0.0;
+
+    void update(const double* v, index_t len) {
+        const double tm = tile_max(v, len);
+        if (tm == kNegInf) return;
+        if (tm > max) {
+            sum *= std::exp(max - tm);
+            max = tm;
+        }
+        sum += sum_exp_shifted(v, len, max);
+    }
+    double value() const { return max + std::log(sum); }
+};
+
+// Run body(state, block) over blocks [0, nblocks) on `threads` threads.
+// Exceptions are captured inside the region and rethrown after it; a stop
+// request from the poll callback ends the loop at the next block.
+template <class State, class MakeState, class Body, class Units>
+void parallel_blocks(index_t nblocks, int threads, Control& ctl, MakeState make_state, Body body,
+                     Units units) {
+#pragma omp parallel num_threads(threads)
+    {
+        std::optional<State> state;
+        try {
+            state.emplace(make_state());
+        } catch (...) {
+            ctl.capture(std::current_exception());
+        }
+#ifdef _OPENMP
+        const bool master = omp_get_thread_num() == 0;
+#else
+        const bool master = true;
+#endif
+#pragma omp for schedule(dynamic, 1)
+        for (index_t b = 0; b < nblocks; ++b) {
+            if (ctl.stopped() || !state) continue;
+            try {
+                body(*state, b);
+            } catch (...) {
+                ctl.capture(std::current_exception());
+            }
+            ctl.advance(units(b), master);
+        }
+    }
+    ctl.rethrow();
+    if (ctl.stopped()) throw Cancelled();
+}
+
+// Visit every query block: load its rows, stream every tile through
+// visit_tile(block, r0, rows, t), then finish(block, r0, rows).
+template <class T, class State, class MakeState, class Visit, class Finish>
+void over_query_blocks(const Args& a, const PackedRefs& p, Control& ctl, MakeState make_state,
+                       Visit visit_tile, Finish finish) {
+    const T* y = static_cast<const T*>(a.y);
+    const index_t nblocks = (a.m + kRows - 1) / kRows;
+    parallel_blocks<State>(
+        nblocks, a.threads, ctl, make_state,
+        [&](State& s, index_t b) {
+            const index_t r0 = b * kRows, rows = std::min(kRows, a.m - r0);
+            s.block.load(y, r0, rows, a.d);
+            s.reset(rows);
+            for (index_t t = 0; t < p.ntiles; ++t) {
+                tile_logits(p, s.block, r0, rows, t, a.scale, a.exclude_self);
+                visit_tile(s, r0, rows, t);
+            }
+            finish(s, r0, rows);
+        },
+        [&](index_t b) { return std::min(kRows, a.m - b * kRows) * a.n; });
+}
+
+struct NormState {
+    RowBlock block;
+    Lse lse[kRows];
+    NormState(index_t d, index_t ld) : block(d, ld) {}
+    void reset(index_t) {
+        for (auto& l : lse) l = Lse{};
+    }
+};
+
+template <class T, class Out>
+void normalizer_into(const Args& a, const PackedRefs& p, Out* out, Control& ctl) {
+    over_query_blocks<T, NormState>(
+        a, p, ctl, [&] { return NormState(a.d, p.ld); },
+        [&](NormState& s, index_t, index_t rows, index_t t) {
+            for (index_t r = 0; r < rows; ++r) s.lse[r].update(s.block.logits.data() + r * p.ld, p.len(t));
+        },
+        [&](NormState& s, index_t r0, index_t rows) {
+            for (index_t r = 0; r < rows; ++r) out[r0 + r] = static_cast<Out>(s.lse[r].value());
+        });
+}
+
+}  // namespace
+
+index_t default_tile(index_t n, index_t d) {
+    // Keep a packed tile (d * tb doubles) within about 32 KiB of L1 for the
+    // direct path; the expansion path streams longer rows from L2.
+    index_t tb = d > kDirectMaxFeatures ? 128 : std::max<index_t>(64, 4096 / std::max<index_t>(d, 1));
+    tb = std::min<index_t>(tb, 1024);
+    tb = (tb + kTileAlign - 1) / kTileAlign * kTileAlign;
+    // Small problems: no tile longer than the data (rounded to the stride).
+    const index_t nr = (n + kTileAlign - 1) / kTileAlign * kTileAlign;
+    return std::max<index_t>(kTileAlign, std::min(tb, nr));
+}
+
+template <class T>
+void log_normalizer(const Args& a, T* out, Control& ctl) {
+    ctl.set_total(a.m * a.n);
+    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads);
+    normalizer_into<T>(a, p, out, ctl);
+}
+
+namespace {
+struct DenseState : NormState {
+    std::vector<double> shift;  // kRows * ntiles: the max each tile was stored against
+    DenseState(index_t d, index_t ld, index_t ntiles) : NormState(d, ld), shift(kRows * ntiles) {}
+};
+}  // namespace
+
+template <class T>
+void log_posterior(const Args& a, T* out, Control& ctl) {
+    ctl.set_total(a.m * a.n);
+    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads);
+    // Each tile is stored relative to the row's running max at that time;
+    // the exact normaliser is folded in once the row is complete, in double.
+    over_query_blocks<T, DenseState>(
+        a, p, ctl, [&] { return DenseState(a.d, p.ld, p.ntiles); },
+        [&](DenseState& s, index_t r0, index_t rows, index_t t) {
+            for (index_t r = 0; r < rows; ++r) {
+                const double* v = s.block.logits.data() + r * p.ld;
+                s.lse[r].update(v, p.len(t));
+                const double sh = s.lse[r].max == kNegInf ? 0.0 : s.lse[r].max;
+                s.shift[r * p.ntiles + t] = sh;
+                store_shifted(v, p.len(t), sh, out + (r0 + r) * a.n + t * p.tb);
+            }
+        },
+        [&](DenseState& s, index_t r0, index_t rows) {
+            for (index_t r = 0; r < rows; ++r) {
+                const double ln = s.lse[r].value();
+                T* row = out + (r0 + r) * a.n;
+                for (index_t t = 0; t < p.ntiles; ++t)
+                    add_offset(row + t * p.tb, p.len(t), s.shift[r * p.ntiles + t] - ln);
+            }
+        });
+}
+
+namespace {
+struct TopKState : NormState {
+    std::vector<TopK> heaps;
+    TopKState(index_t d, index_t ld, index_t k) : NormState(d, ld), heaps(kRows, TopK(k)) {}
+    void reset(index_t rows) {
+        NormState::reset(rows);
+        for (auto& h : heaps) h.reset();
+    }
+};
+}  // namespace
+
+template <class T>
+void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, Control& ctl) {
+    ctl.set_total(a.m * a.n);
+    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads);
+    over_query_blocks<T, TopKState>(
+        a, p, ctl, [&] { return TopKState(a.d, p.ld, k); },
+        [&](TopKState& s, index_t, index_t rows, index_t t) {
+            for (index_t r = 0; r < rows; ++r) {
+                const double* v = s.block.logits.data() + r * p.ld;
+                s.lse[r].update(v, p.len(t));
+                s.heaps[r].offer(v, p.len(t), t * p.tb);
+            }
+        },
+        [&](TopKState& s, index_t r0, index_t rows) {
+            for (index_t r = 0; r < rows; ++r) {
+                const double ln = s.lse[r].value();
+                log_norm[r0 + r] = static_cast<T>(ln);
+                const auto& best = s.heaps[r].sorted();
+                for (index_t j = 0; j < k; ++j) {
+                    const auto& e = best[static_cast<std::size_t>(j)];
+                    indices[(r0 + r) * k + j] = e.second;
+                    log_prob[(r0 + r) * k + j] = static_cast<T>(e.first - ln);
+                }
+            }
+        });
+}
+
+namespace {
+struct TargetState {
+    RowBlock block;
+    std::vector<double> w, s1t, s2;
+    TargetState(index_t d, index_t ld) : block(d, ld), w(ld), s1t(d * ld), s2(ld) {}
+};
+}  // namespace
+
+template <class T>
+void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
+    const index_t n = a.n, d = a.d;
+    ctl.set_total(2 * n * n);
+    const PackedRefs p = pack(static_cast<const T*>(a.x), n, d, a.tile, a.threads);
+    // Pass 1: exact log-normaliser of every row, kept in double.
+    std::vector<double> lnorm(static_cast<std::size_t>(n));
+    normalizer_into<T>(a, p, lnorm.data(), ctl);
+    // Pass 2: one reference tile per unit of work, so each thread owns the
+    // rows of w, s1 and s2 it writes; queries stream through in blocks.
+    const T* x = static_cast<const T*>(a.x);
+    parallel_blocks<TargetState>(
+        p.ntiles, a.threads, ctl, [&] { return TargetState(d, p.ld); },
+        [&](TargetState& s, index_t t) {
+            std::fill(s.w.begin(), s.w.end(), 0.0);
+            std::fill(s.s1t.begin(), s.s1t.end(), 0.0);
+            std::fill(s.s2.begin(), s.s2.end(), 0.0);
+            for (index_t r0 = 0; r0 < n; r0 += kRows) {
+                const index_t rows = std::min(kRows, n - r0);
+                s.block.load(x, r0, rows, d);
+                tile_logits(p, s.block, r0, rows, t, a.scale, a.exclude_self);
+                for (index_t r = 0; r < rows; ++r)
+                    accumulate_targets(s.block.logits.data() + r * p.ld, p.ld, lnorm[r0 + r],
+                                       s.block.y.data() + r * d, d, s.block.ynorm[r], s.w.data(),
+                                       s.s1t.data(), s.s2.data());
+            }
+            const index_t c0 = t * p.tb, len = p.len(t);
+            for (index_t j = 0; j < len; ++j) {
+                w[c0 + j] = s.w[j];
+                s2[c0 + j] = s.s2[j];
+                for (index_t k = 0; k < d; ++k) s1[(c0 + j) * d + k] = s.s1t[k * p.ld + j];
+            }
+        },
+        [&](index_t t) { return p.len(t) * n; });
+}
+
+bool have_openmp() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+}
+
+int openmp_version() {
+#ifdef _OPENMP
+    return _OPENMP;
+#else
+    return 0;
+#endif
+}
+
+int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+#define MAPA_INSTANTIATE(T)                                                                  \
+    template void log_normalizer<T>(const Args&, T*, Control&);                             \
+    template void log_posterior<T>(const Args&, T*, Control&);                              \
+    template void topk<T>(const Args&, index_t, index_t*, T*, T*, Control&);                \
+    template void targets<T>(const Args&, double*, double*, double*, Control&);
+
+MAPA_INSTANTIATE(float)
+MAPA_INSTANTIATE(double)
+
+}  // namespace mapa

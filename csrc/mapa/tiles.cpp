@@ -1,0 +1,171 @@
+#include "tiles.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "exp.hpp"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MAPA_NO_CLONES)
+#define MAPA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MAPA_HAVE_CLONES 1
+#else
+#define MAPA_CLONES
+#define MAPA_HAVE_CLONES 0
+#endif
+
+namespace mapa {
+
+// Eight doubles: one AVX-512 register, two AVX2 or four SSE2 registers,
+// depending on the clone the compiler is building.
+typedef double v8d __attribute__((vector_size(64)));
+
+[[gnu::always_inline]] static inline v8d load8(const double* p) {
+    v8d v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+[[gnu::always_inline]] static inline void store8(double* p, v8d v) { std::memcpy(p, &v, sizeof v); }
+
+MAPA_CLONES
+void logits_direct(const double* xt, index_t ld, index_t d, const double* y, index_t rows,
+                   double scale, double* out) {
+    static_assert(kTileAlign % 32 == 0, "four vectors per column block");
+    for (index_t r = 0; r < rows; ++r) {
+        const double* yr = y + r * d;
+        double* o = out + r * ld;
+        for (index_t j0 = 0; j0 < ld; j0 += 32) {
+            v8d a0 = {}, a1 = {}, a2 = {}, a3 = {};
+            const double* xk = xt + j0;
+            for (index_t k = 0; k < d; ++k, xk += ld) {
+                const double yk = yr[k];
+                const v8d d0 = load8(xk) - yk, d1 = load8(xk + 8) - yk;
+                const v8d d2 = load8(xk + 16) - yk, d3 = load8(xk + 24) - yk;
+                a0 += d0 * d0;
+                a1 += d1 * d1;
+                a2 += d2 * d2;
+                a3 += d3 * d3;
+            }
+            store8(o + j0, a0 * -scale);
+            store8(o + j0 + 8, a1 * -scale);
+            store8(o + j0 + 16, a2 * -scale);
+            store8(o + j0 + 24, a3 * -scale);
+        }
+    }
+}
+
+MAPA_CLONES
+void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t d, const double* y,
+                   const double* ynorm, index_t rows, double scale, double* out) {
+    constexpr index_t kBlockRows = 4;
+    for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+        const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
+        // Rows past the end repeat the last row; their results are not stored.
+        const double* y0 = y + r0 * d;
+        const double* y1 = y + (r0 + (nr > 1 ? 1 : 0)) * d;
+        const double* y2 = y + (r0 + (nr > 2 ? 2 : nr - 1)) * d;
+        const double* y3 = y + (r0 + (nr > 3 ? 3 : nr - 1)) * d;
+        for (index_t j0 = 0; j0 < ld; j0 += 16) {
+            v8d a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
+            const double* xk = xt + j0;
+            for (index_t k = 0; k < d; ++k, xk += ld) {
+                const v8d x0 = load8(xk), x1 = load8(xk + 8);
+                a00 += y0[k] * x0;
+                a01 += y0[k] * x1;
+                a10 += y1[k] * x0;
+                a11 += y1[k] * x1;
+                a20 += y2[k] * x0;
+                a21 += y2[k] * x1;
+                a30 += y3[k] * x0;
+                a31 += y3[k] * x1;
+            }
+            const v8d xn0 = load8(xnorm + j0), xn1 = load8(xnorm + j0 + 8);
+            const v8d acc[kBlockRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+            for (index_t r = 0; r < nr; ++r) {
+                double* o = out + (r0 + r) * ld + j0;
+                const double yn = ynorm[r0 + r];
+                v8d d0 = yn + xn0 - 2.0 * acc[r][0];
+                v8d d1 = yn + xn1 - 2.0 * acc[r][1];
+                d0 = d0 > 0.0 ? d0 : 0.0;
+                d1 = d1 > 0.0 ? d1 : 0.0;
+                store8(o, d0 * -scale);
+                store8(o + 8, d1 * -scale);
+            }
+        }
+    }
+}
+
+MAPA_CLONES
+double tile_max(const double* v, index_t len) {
+    double m = -std::numeric_limits<double>::infinity();
+#pragma omp simd reduction(max : m)
+    for (index_t j = 0; j < len; ++j) m = v[j] > m ? v[j] : m;
+    return m;
+}
+
+MAPA_CLONES
+double sum_exp_shifted(const double* v, index_t len, double shift) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (index_t j = 0; j < len; ++j) s += exp_nonpos(v[j] - shift);
+    return s;
+}
+
+MAPA_CLONES
+void store_shifted(const double* v, index_t len, double shift, double* dst) {
+#pragma omp simd
+    for (index_t j = 0; j < len; ++j) dst[j] = v[j] - shift;
+}
+
+MAPA_CLONES
+void store_shifted(const double* v, index_t len, double shift, float* dst) {
+#pragma omp simd
+    for (index_t j = 0; j < len; ++j) dst[j] = static_cast<float>(v[j] - shift);
+}
+
+MAPA_CLONES
+void add_offset(double* dst, index_t len, double offset) {
+#pragma omp simd
+    for (index_t j = 0; j < len; ++j) dst[j] += offset;
+}
+
+MAPA_CLONES
+void add_offset(float* dst, index_t len, double offset) {
+#pragma omp simd
+    for (index_t j = 0; j < len; ++j) dst[j] = static_cast<float>(static_cast<double>(dst[j]) + offset);
+}
+
+MAPA_CLONES
+void accumulate_targets(const double* v, index_t ld, double log_norm, const double* y, index_t d,
+                        double sq, double* w, double* s1t, double* s2) {
+    double q[512];
+    for (index_t j0 = 0; j0 < ld; j0 += 512) {
+        const index_t n = ld - j0 < 512 ? ld - j0 : 512;
+#pragma omp simd
+        for (index_t j = 0; j < n; ++j) {
+            const double qj = exp_nonpos(v[j0 + j] - log_norm);
+            q[j] = qj;
+            w[j0 + j] += qj;
+            s2[j0 + j] += qj * sq;
+        }
+        for (index_t k = 0; k < d; ++k) {
+            const double yk = y[k];
+            double* row = s1t + k * ld + j0;
+#pragma omp simd
+            for (index_t j = 0; j < n; ++j) row[j] += q[j] * yk;
+        }
+    }
+}
+
+const char* selected_isa() {
+#if MAPA_HAVE_CLONES
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4 clone)";
+    if (__builtin_cpu_supports("x86-64-v3")) return "avx2+fma (x86-64-v3 clone)";
+    return "baseline x86-64 (default clone)";
+#else
+    return "single build (no target clones on this compiler/arch)";
+#endif
+}
+
+}  // namespace mapa

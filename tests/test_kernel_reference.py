@@ -1,0 +1,224 @@
+"""Every backend against independent float64 references and hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+import mapa
+from kernel_reference import (
+    BACKENDS,
+    DTYPES,
+    LOGQ_FLOOR,
+    assert_lognorm_close,
+    assert_logq_close,
+    check_targets,
+    check_topk,
+    make_clusters,
+    make_data,
+    ref_log_normalizer,
+    ref_log_posterior,
+    tol,
+)
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS)
+
+
+# ------------------------------------------------------------ hand-computed values
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d, h", [(1.0, 1.0), (3.0, 2.0), (0.5, 0.1)])
+def test_two_points_hand_computed(backend, dtype, d, h):
+    # Two points at distance d (along a diagonal in D=3):
+    #   q(other | n) = 1 / (1 + exp(d^2 / (2 h^2))),  q(self | n) = 1 / (1 + exp(-d^2 / (2 h^2)))
+    #   log normaliser = log(1 + exp(-d^2 / (2 h^2)))
+    u = np.ones(3) / math.sqrt(3.0)
+    X = np.stack([0.25 * u, 0.25 * u + d * u]).astype(dtype)
+    a = d * d / (2 * h * h)
+    log_self = -math.log1p(math.exp(-a))
+    log_other = -a - math.log1p(math.exp(-a))
+    expected = np.array([[log_self, log_other], [log_other, log_self]])
+    t = tol(dtype)
+
+    L = mapa.log_posterior(X, bandwidth=h, backend=backend)
+    np.testing.assert_allclose(L.astype(np.float64), expected, rtol=t["logq_rtol"], atol=t["logq_atol"])
+
+    lnorm = mapa.log_normalizer(X, bandwidth=h, backend=backend)
+    np.testing.assert_allclose(lnorm.astype(np.float64), [math.log1p(math.exp(-a))] * 2, atol=t["logq_atol"])
+
+    top = mapa.log_posterior_topk(X, bandwidth=h, k=1, backend=backend)
+    np.testing.assert_array_equal(top.indices, [[0], [1]])
+    np.testing.assert_allclose(top.log_prob.astype(np.float64), [[log_self]] * 2, atol=t["logq_atol"])
+    np.testing.assert_allclose(top.kept_mass.astype(np.float64), [math.exp(log_self)] * 2, atol=t["logq_atol"])
+
+    # targets: W = (1, 1) by symmetry; m_0 = q_self x_0 + q_other x_1
+    tg = mapa.posterior_targets(X, bandwidth=h, backend=backend)
+    qs, qo = math.exp(log_self), math.exp(log_other)
+    Xf = X.astype(np.float64)
+    np.testing.assert_allclose(tg.weights.astype(np.float64), [1.0, 1.0], rtol=t["mass_rtol"])
+    np.testing.assert_allclose(
+        tg.means.astype(np.float64), [qs * Xf[0] + qo * Xf[1], qo * Xf[0] + qs * Xf[1]], atol=1e-6 if dtype == np.float32 else 1e-12
+    )
+    sq = (Xf**2).sum(axis=1)
+    np.testing.assert_allclose(
+        tg.sq_norms.astype(np.float64), [qs * sq[0] + qo * sq[1], qo * sq[0] + qs * sq[1]], rtol=t["mass_rtol"]
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_points_exclude_self_hand_computed(backend, dtype):
+    # With the self term removed each point puts all its mass on the other:
+    # log q = [[-inf, 0], [0, -inf]], log normaliser = -d^2 / (2 h^2).
+    d, h = 2.0, 0.5
+    X = np.array([[1.0, -1.0], [1.0, -1.0 + d]], dtype=dtype)
+    L = mapa.log_posterior(X, bandwidth=h, exclude_self=True, backend=backend)
+    assert np.isneginf(np.diag(L)).all()
+    np.testing.assert_allclose(L[[0, 1], [1, 0]].astype(np.float64), 0.0, atol=tol(dtype)["logq_atol"])
+    lnorm = mapa.log_normalizer(X, bandwidth=h, exclude_self=True, backend=backend)
+    np.testing.assert_allclose(lnorm.astype(np.float64), [-d * d / (2 * h * h)] * 2, rtol=tol(dtype)["logq_rtol"])
+    top = mapa.log_posterior_topk(X, bandwidth=h, k=1, exclude_self=True, backend=backend)
+    np.testing.assert_array_equal(top.indices, [[1], [0]])
+    np.testing.assert_allclose(top.kept_mass.astype(np.float64), 1.0, atol=tol(dtype)["logq_atol"])
+    tg = mapa.posterior_targets(X, bandwidth=h, exclude_self=True, backend=backend)
+    np.testing.assert_allclose(tg.weights.astype(np.float64), [1.0, 1.0], rtol=tol(dtype)["mass_rtol"])
+    np.testing.assert_allclose(tg.means, X[::-1], rtol=1e-6)
+
+
+def test_single_point(backend):
+    # N = 1: q(0|0) = 1, log normaliser = 0 (distance to itself).
+    X = np.array([[3.0, 4.0]])
+    np.testing.assert_array_equal(mapa.log_posterior(X, bandwidth=1.0, backend=backend), [[0.0]])
+    np.testing.assert_array_equal(mapa.log_normalizer(X, bandwidth=1.0, backend=backend), [0.0])
+    tg = mapa.posterior_targets(X, bandwidth=1.0, backend=backend)
+    np.testing.assert_allclose(tg.weights, [1.0])
+    np.testing.assert_allclose(tg.means, X)
+    np.testing.assert_allclose(tg.sq_norms, [25.0])
+
+
+def test_duplicate_points_split_mass_and_ties_by_index(backend):
+    # Three copies of one point and a far point: each copy's row is uniform over
+    # the copies (log q = -log 3); top-k ties come lowest index first.
+    X = np.array([[0.0, 0.0], [5.0, 5.0], [0.0, 0.0], [0.0, 0.0]])
+    L = mapa.log_posterior(X, bandwidth=0.5, backend=backend)
+    for r in (0, 2, 3):
+        np.testing.assert_allclose(L[r, [0, 2, 3]], -math.log(3.0), rtol=1e-12)
+    top = mapa.log_posterior_topk(X, bandwidth=0.5, k=3, backend=backend)
+    for r in (0, 2, 3):
+        np.testing.assert_array_equal(top.indices[r], [0, 2, 3])
+    top = mapa.log_posterior_topk(X, bandwidth=0.5, k=2, exclude_self=True, backend=backend)
+    np.testing.assert_array_equal(top.indices[[0, 2, 3]], [[2, 3], [0, 3], [0, 2]])
+    np.testing.assert_allclose(top.log_prob[[0, 2, 3]], -math.log(2.0), rtol=1e-12)
+
+
+# ------------------------------------------------------------ general reference
+
+
+QUERY_MODES = ["self", "exclude_self", "queries"]
+
+
+def _inputs(mode, dtype, offset, n=37, m=23, d=5, seed=1):
+    X = make_data(n, d, dtype=dtype, offset=offset, seed=seed)
+    if mode == "queries":
+        Y = make_data(m, d, dtype=dtype, offset=offset, seed=seed + 100)
+        return X, Y, dict(queries=Y)
+    return X, X, dict(exclude_self=(mode == "exclude_self"))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", QUERY_MODES)
+def test_all_outputs_match_reference(backend, mode, dtype, offset):
+    h = 0.6  # nearest neighbours at ~1.3 in D=5: several entries per row above the floor
+    X, Y, kw = _inputs(mode, dtype, offset)
+    ex = kw.get("exclude_self", False)
+    R = ref_log_posterior(X, Y, h, ex)
+    assert (R > LOGQ_FLOOR).sum(axis=1).min() >= 2  # the data really is non-trivial
+
+    L = mapa.log_posterior(X, bandwidth=h, backend=backend, **kw)
+    assert L.dtype == dtype and L.shape == R.shape
+    assert_logq_close(L, R, dtype)
+    # rows log-sum-exp to 0
+    np.testing.assert_allclose(logsumexp(L.astype(np.float64), axis=1), 0.0, atol=tol(dtype)["logq_atol"])
+
+    lnorm = mapa.log_normalizer(X, bandwidth=h, backend=backend, **kw)
+    assert lnorm.dtype == dtype
+    assert_lognorm_close(lnorm, ref_log_normalizer(X, Y, h, ex), dtype)
+
+    for k in (1, 7, X.shape[0] - 1 if ex else X.shape[0]):
+        top = mapa.log_posterior_topk(X, bandwidth=h, k=k, backend=backend, **kw)
+        check_topk(top, X, Y, h, k, dtype, ex)
+
+    if mode != "queries":
+        check_targets(mapa.posterior_targets(X, bandwidth=h, backend=backend, exclude_self=ex), X, h, dtype, ex)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h, offset", [(1e-3, 1e3), (1e-2, 1e3), (1e-2, 0.0)])
+def test_tiny_bandwidth_uncentred(backend, dtype, h, offset):
+    # Clusters of width ~h far from the origin: catastrophic cancellation in
+    # ||x||^2 + ||y||^2 - 2 x.y would show up here as errors of order offset^2 / h^2.
+    X = make_clusters(50, 3, h, dtype=dtype, offset=offset, seed=3)
+    Y = make_clusters(20, 3, h, dtype=dtype, offset=offset, seed=3)[::-1].copy() + np.asarray(h / 3, dtype=dtype)
+    for queries, ex in ((None, False), (None, True), (Y, False)):
+        Q = X if queries is None else Y
+        R = ref_log_posterior(X, Q, h, ex)
+        assert (R > LOGQ_FLOOR).sum(axis=1).max() >= 3
+        assert_logq_close(mapa.log_posterior(X, queries, bandwidth=h, exclude_self=ex, backend=backend), R, dtype)
+        assert_lognorm_close(
+            mapa.log_normalizer(X, queries, bandwidth=h, exclude_self=ex, backend=backend),
+            ref_log_normalizer(X, Q, h, ex),
+            dtype,
+        )
+        check_topk(mapa.log_posterior_topk(X, queries, bandwidth=h, k=5, exclude_self=ex, backend=backend), X, Q, h, 5, dtype, ex)
+    check_targets(mapa.posterior_targets(X, bandwidth=h, backend=backend), X, h, dtype)
+
+
+def test_float32_tiny_bandwidth_data_near_origin(backend):
+    # float32 data that needs no centring (offset 0), clusters of width h = 1e-3:
+    # the float32 values are exact inputs, and differences of nearby float32
+    # numbers are exact, so nothing forces an error above the 1e-4 budget.
+    # Centring by the float64 mean and rounding the centred values back to
+    # float32 (mapa/_validation.py, prepare) perturbs every coordinate by up to
+    # half an ulp of |x - mean| (~1e-7), which at 1/(2 h^2) = 5e5 moves log q by ~4e-4.
+    h = 1e-3
+    X = make_clusters(50, 3, h, dtype=np.float32, offset=0.0, seed=3)
+    assert_logq_close(mapa.log_posterior(X, bandwidth=h, backend=backend), ref_log_posterior(X, X, h), np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_far_query_has_finite_correct_normaliser(backend, dtype):
+    # A query at distance ~1e3 from every reference: every exp underflows, but the
+    # normaliser is finite (about -1e6 / (2 h^2)) and the row still sums to one.
+    X = make_data(30, 4, dtype=dtype, seed=5)
+    Y = np.vstack([X[:2], np.full((1, 4), 1e3)]).astype(dtype)
+    h = 0.5
+    ref = ref_log_normalizer(X, Y, h)
+    assert ref[-1] < -1e6
+    assert_lognorm_close(mapa.log_normalizer(X, Y, bandwidth=h, backend=backend), ref, dtype)
+    L = mapa.log_posterior(X, Y, bandwidth=h, backend=backend)
+    assert_logq_close(L, ref_log_posterior(X, Y, h), dtype)
+    assert np.isfinite(L[-1]).any()
+    np.testing.assert_allclose(logsumexp(L[-1].astype(np.float64)), 0.0, atol=tol(dtype)["logq_atol"])
+    check_topk(mapa.log_posterior_topk(X, Y, bandwidth=h, k=3, backend=backend), X, Y, h, 3, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_isolated_point_with_exclude_self(backend, dtype):
+    # An outlier far from the others: with the self term excluded its column
+    # gets (numerically) zero mass, and its mean falls back to the point itself
+    # (documented in PosteriorTargets); its own row is still finite and correct.
+    X = make_data(20, 3, dtype=dtype, seed=6)
+    X[7] = 200.0
+    h = 0.7
+    R = ref_log_posterior(X, X, h, exclude_self=True)
+    assert_logq_close(mapa.log_posterior(X, bandwidth=h, exclude_self=True, backend=backend), R, dtype)
+    lnorm = mapa.log_normalizer(X, bandwidth=h, exclude_self=True, backend=backend)
+    assert_lognorm_close(lnorm, ref_log_normalizer(X, X, h, exclude_self=True), dtype)
+    tg = mapa.posterior_targets(X, bandwidth=h, exclude_self=True, backend=backend)
+    assert float(tg.weights[7]) < 1e-30
+    np.testing.assert_allclose(tg.means[7], X[7], rtol=1e-6)
+    check_targets(tg, X, h, dtype, exclude_self=True)
