@@ -99,7 +99,9 @@ void tile_logits(const PackedRefs& p, RowBlock& b, index_t r0, index_t rows, ind
     }
 }
 
-// Streaming log-sum-exp state of one row.
+// Streaming log-sum-exp state of one row; T picks the precision of the
+// exponentials (single for float32 problems, double otherwise).
+template <class T>
 struct Lse {
     double max = kNegInf;
     double sum = 0.0;
@@ -111,7 +113,7 @@ struct Lse {
             sum *= std::exp(max - tm);
             max = tm;
         }
-        sum += sum_exp_shifted(v, len, max);
+        sum += sum_exp_shifted(v, len, max, T{});
     }
     double value() const { return max + std::log(sum); }
 };
@@ -172,23 +174,24 @@ void over_query_blocks(const Args& a, const PackedRefs& p, Control& ctl, MakeSta
         [&](index_t b) { return std::min(kRows, a.m - b * kRows) * a.n; });
 }
 
+template <class T>
 struct NormState {
     RowBlock block;
-    Lse lse[kRows];
+    Lse<T> lse[kRows];
     NormState(index_t d, index_t ld) : block(d, ld) {}
     void reset(index_t) {
-        for (auto& l : lse) l = Lse{};
+        for (auto& l : lse) l = Lse<T>{};
     }
 };
 
 template <class T, class Out>
 void normalizer_into(const Args& a, const PackedRefs& p, Out* out, Control& ctl) {
-    over_query_blocks<T, NormState>(
-        a, p, ctl, [&] { return NormState(a.d, p.ld); },
-        [&](NormState& s, index_t, index_t rows, index_t t) {
+    over_query_blocks<T, NormState<T>>(
+        a, p, ctl, [&] { return NormState<T>(a.d, p.ld); },
+        [&](NormState<T>& s, index_t, index_t rows, index_t t) {
             for (index_t r = 0; r < rows; ++r) s.lse[r].update(s.block.logits.data() + r * p.ld, p.len(t));
         },
-        [&](NormState& s, index_t r0, index_t rows) {
+        [&](NormState<T>& s, index_t r0, index_t rows) {
             for (index_t r = 0; r < rows; ++r) out[r0 + r] = static_cast<Out>(s.lse[r].value());
         });
 }
@@ -196,9 +199,9 @@ void normalizer_into(const Args& a, const PackedRefs& p, Out* out, Control& ctl)
 }  // namespace
 
 index_t default_tile(index_t n, index_t d) {
-    // Keep a packed tile (d * tb doubles) within about 32 KiB of L1 for the
+    // Keep a packed tile (d * tb doubles) within about 16 KiB, half of L1, for the
     // direct path; the expansion path streams longer rows from L2.
-    index_t tb = d > kDirectMaxFeatures ? 128 : std::max<index_t>(64, 4096 / std::max<index_t>(d, 1));
+    index_t tb = d > kDirectMaxFeatures ? 128 : std::max<index_t>(64, 2048 / std::max<index_t>(d, 1));
     tb = std::min<index_t>(tb, 1024);
     tb = (tb + kTileAlign - 1) / kTileAlign * kTileAlign;
     // Small problems: no tile longer than the data (rounded to the stride).
@@ -214,9 +217,10 @@ void log_normalizer(const Args& a, T* out, Control& ctl) {
 }
 
 namespace {
-struct DenseState : NormState {
+template <class T>
+struct DenseState : NormState<T> {
     std::vector<double> shift;  // kRows * ntiles: the max each tile was stored against
-    DenseState(index_t d, index_t ld, index_t ntiles) : NormState(d, ld), shift(kRows * ntiles) {}
+    DenseState(index_t d, index_t ld, index_t ntiles) : NormState<T>(d, ld), shift(kRows * ntiles) {}
 };
 }  // namespace
 
@@ -226,9 +230,9 @@ void log_posterior(const Args& a, T* out, Control& ctl) {
     const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads);
     // Each tile is stored relative to the row's running max at that time;
     // the exact normaliser is folded in once the row is complete, in double.
-    over_query_blocks<T, DenseState>(
-        a, p, ctl, [&] { return DenseState(a.d, p.ld, p.ntiles); },
-        [&](DenseState& s, index_t r0, index_t rows, index_t t) {
+    over_query_blocks<T, DenseState<T>>(
+        a, p, ctl, [&] { return DenseState<T>(a.d, p.ld, p.ntiles); },
+        [&](DenseState<T>& s, index_t r0, index_t rows, index_t t) {
             for (index_t r = 0; r < rows; ++r) {
                 const double* v = s.block.logits.data() + r * p.ld;
                 s.lse[r].update(v, p.len(t));
@@ -237,7 +241,7 @@ void log_posterior(const Args& a, T* out, Control& ctl) {
                 store_shifted(v, p.len(t), sh, out + (r0 + r) * a.n + t * p.tb);
             }
         },
-        [&](DenseState& s, index_t r0, index_t rows) {
+        [&](DenseState<T>& s, index_t r0, index_t rows) {
             for (index_t r = 0; r < rows; ++r) {
                 const double ln = s.lse[r].value();
                 T* row = out + (r0 + r) * a.n;
@@ -248,11 +252,12 @@ void log_posterior(const Args& a, T* out, Control& ctl) {
 }
 
 namespace {
-struct TopKState : NormState {
+template <class T>
+struct TopKState : NormState<T> {
     std::vector<TopK> heaps;
-    TopKState(index_t d, index_t ld, index_t k) : NormState(d, ld), heaps(kRows, TopK(k)) {}
+    TopKState(index_t d, index_t ld, index_t k) : NormState<T>(d, ld), heaps(kRows, TopK(k)) {}
     void reset(index_t rows) {
-        NormState::reset(rows);
+        NormState<T>::reset(rows);
         for (auto& h : heaps) h.reset();
     }
 };
@@ -262,16 +267,16 @@ template <class T>
 void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, Control& ctl) {
     ctl.set_total(a.m * a.n);
     const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads);
-    over_query_blocks<T, TopKState>(
-        a, p, ctl, [&] { return TopKState(a.d, p.ld, k); },
-        [&](TopKState& s, index_t, index_t rows, index_t t) {
+    over_query_blocks<T, TopKState<T>>(
+        a, p, ctl, [&] { return TopKState<T>(a.d, p.ld, k); },
+        [&](TopKState<T>& s, index_t, index_t rows, index_t t) {
             for (index_t r = 0; r < rows; ++r) {
                 const double* v = s.block.logits.data() + r * p.ld;
                 s.lse[r].update(v, p.len(t));
                 s.heaps[r].offer(v, p.len(t), t * p.tb);
             }
         },
-        [&](TopKState& s, index_t r0, index_t rows) {
+        [&](TopKState<T>& s, index_t r0, index_t rows) {
             for (index_t r = 0; r < rows; ++r) {
                 const double ln = s.lse[r].value();
                 log_norm[r0 + r] = static_cast<T>(ln);
@@ -317,7 +322,7 @@ void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
                 for (index_t r = 0; r < rows; ++r)
                     accumulate_targets(s.block.logits.data() + r * p.ld, p.ld, lnorm[r0 + r],
                                        s.block.y.data() + r * d, d, s.block.ynorm[r], s.w.data(),
-                                       s.s1t.data(), s.s2.data());
+                                       s.s1t.data(), s.s2.data(), T{});
             }
             const index_t c0 = t * p.tb, len = p.len(t);
             for (index_t j = 0; j < len; ++j) {

@@ -104,10 +104,19 @@ double tile_max(const double* v, index_t len) {
 }
 
 MAPA_CLONES
-double sum_exp_shifted(const double* v, index_t len, double shift) {
+double sum_exp_shifted(const double* v, index_t len, double shift, double) {
     double s = 0.0;
 #pragma omp simd reduction(+ : s)
     for (index_t j = 0; j < len; ++j) s += exp_nonpos(v[j] - shift);
+    return s;
+}
+
+MAPA_CLONES
+double sum_exp_shifted(const double* v, index_t len, double shift, float) {
+    // Partial sums in float over at most one tile, then added in double.
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (index_t j = 0; j < len; ++j) s += exp_nonpos(static_cast<float>(v[j] - shift));
     return s;
 }
 
@@ -135,15 +144,17 @@ void add_offset(float* dst, index_t len, double offset) {
     for (index_t j = 0; j < len; ++j) dst[j] = static_cast<float>(static_cast<double>(dst[j]) + offset);
 }
 
-MAPA_CLONES
-void accumulate_targets(const double* v, index_t ld, double log_norm, const double* y, index_t d,
-                        double sq, double* w, double* s1t, double* s2) {
+template <class E>
+[[gnu::always_inline]] static inline void accumulate_targets_impl(const double* v, index_t ld,
+                                                                 double log_norm, const double* y,
+                                                                 index_t d, double sq, double* w,
+                                                                 double* s1t, double* s2) {
     double q[512];
     for (index_t j0 = 0; j0 < ld; j0 += 512) {
         const index_t n = ld - j0 < 512 ? ld - j0 : 512;
 #pragma omp simd
         for (index_t j = 0; j < n; ++j) {
-            const double qj = exp_nonpos(v[j0 + j] - log_norm);
+            const double qj = exp_nonpos(static_cast<E>(v[j0 + j] - log_norm));
             q[j] = qj;
             w[j0 + j] += qj;
             s2[j0 + j] += qj * sq;
@@ -155,6 +166,18 @@ void accumulate_targets(const double* v, index_t ld, double log_norm, const doub
             for (index_t j = 0; j < n; ++j) row[j] += q[j] * yk;
         }
     }
+}
+
+MAPA_CLONES
+void accumulate_targets(const double* v, index_t ld, double log_norm, const double* y, index_t d,
+                        double sq, double* w, double* s1t, double* s2, double) {
+    accumulate_targets_impl<double>(v, ld, log_norm, y, d, sq, w, s1t, s2);
+}
+
+MAPA_CLONES
+void accumulate_targets(const double* v, index_t ld, double log_norm, const double* y, index_t d,
+                        double sq, double* w, double* s1t, double* s2, float) {
+    accumulate_targets_impl<float>(v, ld, log_norm, y, d, sq, w, s1t, s2);
 }
 
 const char* selected_isa() {

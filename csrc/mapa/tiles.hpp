@@ -33,8 +33,11 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t d,
 // max_j v[j] (-inf when len == 0 or all entries are -inf).
 double tile_max(const double* v, index_t len);
 
-// sum_j exp(v[j] - shift) for v[j] <= shift.
-double sum_exp_shifted(const double* v, index_t len, double shift);
+// sum_j exp(v[j] - shift) for v[j] <= shift. The float overload evaluates
+// the exponentials in single precision (for float32 problems, where a
+// relative error of ~1e-7 is below the output's resolution).
+double sum_exp_shifted(const double* v, index_t len, double shift, double);
+double sum_exp_shifted(const double* v, index_t len, double shift, float);
 
 // dst[j] = v[j] - shift, converted to the output type.
 void store_shifted(const double* v, index_t len, double shift, double* dst);
@@ -46,8 +49,11 @@ void add_offset(float* dst, index_t len, double offset);
 
 // With q_j = exp(v[j] - log_norm): w[j] += q_j, s2[j] += q_j * sq,
 // s1t[k * ld + j] += q_j * y[k] for every feature k.
+// The last argument picks the precision of the exponentials, as above.
 void accumulate_targets(const double* v, index_t ld, double log_norm, const double* y, index_t d,
-                        double sq, double* w, double* s1t, double* s2);
+                        double sq, double* w, double* s1t, double* s2, double);
+void accumulate_targets(const double* v, index_t ld, double log_norm, const double* y, index_t d,
+                        double sq, double* w, double* s1t, double* s2, float);
 
 // Name of the clone the loader picked on this CPU ("avx512", "avx2", "baseline").
 const char* selected_isa();

@@ -28,7 +28,10 @@ __all__ = [
 ]
 
 # Below this column mass a mean is not computed (see PosteriorTargets.means).
-_MIN_WEIGHT = 1e-300
+# Backends may drop terms below exp(-708) (float64) or exp(-87) (float32); the
+# thresholds sit far enough above that (times N <= 1e9) for every backend to
+# agree on which means are defined.
+_MIN_WEIGHT = {np.dtype(np.float64): 1e-280, np.dtype(np.float32): 1e-20}
 
 _COMMON_DOC = """
     X : array or CPU torch tensor of shape (n_refs, n_features)
@@ -90,9 +93,10 @@ class PosteriorTargets:
     weights : array of shape (n_refs,)
         W_i = sum_n q(i | n), the column mass of q.
     means : array of shape (n_refs, n_features)
-        m_i = sum_n q(i | n) x_n / W_i. Where W_i < 1e-300 (no query puts
-        measurable mass on reference i, e.g. an isolated point with
-        exclude_self), m_i = x_i: such a code carries no weight in the objective.
+        m_i = sum_n q(i | n) x_n / W_i. Where W_i is negligible (below 1e-280
+        for float64, 1e-20 for float32: no query puts measurable mass on
+        reference i, e.g. an isolated point with exclude_self), m_i = x_i:
+        such a code carries no weight in the objective.
     sq_norms : array of shape (n_refs,)
         s_i = sum_n q(i | n) ||x_n||^2.
     """
@@ -322,7 +326,7 @@ def posterior_targets(
     S2 = S2 + 2.0 * (S1 @ mu) + W * float(mu @ mu)
     S1 = S1 + W[:, None] * mu[None, :]
     Xc = p.X.astype(np.float64)
-    safe = W > _MIN_WEIGHT
+    safe = W > _MIN_WEIGHT[p.dtype]
     means = np.where(safe[:, None], S1 / np.where(safe, W, 1.0)[:, None], Xc + mu)
     return PosteriorTargets(
         p.wrap(W.astype(p.dtype)), p.wrap(means.astype(p.dtype)), p.wrap(S2.astype(p.dtype))
