@@ -254,11 +254,15 @@ void log_posterior(const Args& a, T* out, Control& ctl) {
 namespace {
 template <class T>
 struct TopKState : NormState<T> {
-    std::vector<TopK> heaps;
-    TopKState(index_t d, index_t ld, index_t k) : NormState<T>(d, ld), heaps(kRows, TopK(k)) {}
+    std::vector<TopK> heaps;  // the k best entries of each row
+    std::vector<TopK> bound;  // the k best 16-column block maxima of each row
+    std::vector<double> maxima;
+    TopKState(index_t d, index_t ld, index_t k)
+        : NormState<T>(d, ld), heaps(kRows, TopK(k)), bound(kRows, TopK(k)), maxima(ld / 16 + 1) {}
     void reset(index_t rows) {
         NormState<T>::reset(rows);
         for (auto& h : heaps) h.reset();
+        for (auto& h : bound) h.reset();
     }
 };
 }  // namespace
@@ -267,16 +271,35 @@ template <class T>
 void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, Control& ctl) {
     ctl.set_total(a.m * a.n);
     const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads);
+    // With cheap distances (direct path), two passes: the first streams the
+    // normaliser and keeps the k best maxima of 16-column blocks; the k-th of
+    // those is a lower bound on the k-th best entry, so the second pass over
+    // recomputed logits buffers only a few candidates beyond the k kept.
+    // With expensive distances (expansion path), one pass, unseeded.
+    const bool two_pass = !p.expand;
     over_query_blocks<T, TopKState<T>>(
         a, p, ctl, [&] { return TopKState<T>(a.d, p.ld, k); },
         [&](TopKState<T>& s, index_t, index_t rows, index_t t) {
             for (index_t r = 0; r < rows; ++r) {
                 const double* v = s.block.logits.data() + r * p.ld;
                 s.lse[r].update(v, p.len(t));
-                s.heaps[r].offer(v, p.len(t), t * p.tb);
+                if (two_pass) {
+                    const index_t nb = block_max16(v, p.len(t), s.maxima.data());
+                    s.bound[r].offer_values(s.maxima.data(), nb);
+                } else {
+                    s.heaps[r].offer(v, p.len(t), t * p.tb);
+                }
             }
         },
         [&](TopKState<T>& s, index_t r0, index_t rows) {
+            if (two_pass) {
+                for (index_t r = 0; r < rows; ++r) s.heaps[r].seed(s.bound[r].kth_value());
+                for (index_t t = 0; t < p.ntiles; ++t) {
+                    tile_logits(p, s.block, r0, rows, t, a.scale, a.exclude_self);
+                    for (index_t r = 0; r < rows; ++r)
+                        s.heaps[r].offer(s.block.logits.data() + r * p.ld, p.len(t), t * p.tb);
+                }
+            }
             for (index_t r = 0; r < rows; ++r) {
                 const double ln = s.lse[r].value();
                 log_norm[r0 + r] = static_cast<T>(ln);

@@ -104,6 +104,38 @@ double tile_max(const double* v, index_t len) {
 }
 
 MAPA_CLONES
+index_t next_at_least(const double* v, index_t start, index_t len, double thr) {
+    index_t j = start;
+    for (; j + 16 <= len; j += 16) {
+        const v8d a = load8(v + j), b = load8(v + j + 8);
+        const v8d m = a > b ? a : b;
+        double top = m[0];
+        for (int i = 1; i < 8; ++i) top = m[i] > top ? m[i] : top;
+        if (top >= thr) break;
+    }
+    for (; j < len; ++j)
+        if (v[j] >= thr) return j;
+    return len;
+}
+
+MAPA_CLONES
+index_t block_max16(const double* v, index_t len, double* out) {
+    const index_t full = len / 16;
+    for (index_t b = 0; b < full; ++b) {
+        const v8d a = load8(v + 16 * b), c = load8(v + 16 * b + 8);
+        const v8d m = a > c ? a : c;
+        double r = m[0];
+        for (int i = 1; i < 8; ++i) r = m[i] > r ? m[i] : r;
+        out[b] = r;
+    }
+    if (full * 16 == len) return full;
+    double r = -std::numeric_limits<double>::infinity();
+    for (index_t j = full * 16; j < len; ++j) r = v[j] > r ? v[j] : r;
+    out[full] = r;
+    return full + 1;
+}
+
+MAPA_CLONES
 double sum_exp_shifted(const double* v, index_t len, double shift, double) {
     double s = 0.0;
 #pragma omp simd reduction(+ : s)
@@ -149,12 +181,17 @@ template <class E>
                                                                  double log_norm, const double* y,
                                                                  index_t d, double sq, double* w,
                                                                  double* s1t, double* s2) {
+    // Exponentials first, in their own loop, so each loop vectorises at its
+    // natural width; the sums stay in double.
+    E qe[512];
     double q[512];
     for (index_t j0 = 0; j0 < ld; j0 += 512) {
         const index_t n = ld - j0 < 512 ? ld - j0 : 512;
 #pragma omp simd
+        for (index_t j = 0; j < n; ++j) qe[j] = exp_nonpos(static_cast<E>(v[j0 + j] - log_norm));
+#pragma omp simd
         for (index_t j = 0; j < n; ++j) {
-            const double qj = exp_nonpos(static_cast<E>(v[j0 + j] - log_norm));
+            const double qj = qe[j];
             q[j] = qj;
             w[j0 + j] += qj;
             s2[j0 + j] += qj * sq;

@@ -33,6 +33,12 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t d,
 // max_j v[j] (-inf when len == 0 or all entries are -inf).
 double tile_max(const double* v, index_t len);
 
+// Smallest j in [start, len) with v[j] >= thr, or len if there is none.
+index_t next_at_least(const double* v, index_t start, index_t len, double thr);
+
+// out[b] = max of v[16 b .. 16 b + 16) clipped to len; returns the block count.
+index_t block_max16(const double* v, index_t len, double* out);
+
 // sum_j exp(v[j] - shift) for v[j] <= shift. The float overload evaluates
 // the exponentials in single precision (for float32 problems, where a
 // relative error of ~1e-7 is below the output's resolution).

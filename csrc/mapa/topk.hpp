@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include "tiles.hpp"
+
 namespace mapa {
 
 class TopK {
@@ -27,22 +29,29 @@ public:
         thr_ = -std::numeric_limits<double>::infinity();
     }
 
-    // Offer the columns of one tile whose first global index is `base`.
-    // Blocks of 16 columns whose maximum is below the threshold are skipped
-    // after one comparison.
+    // Start from a known lower bound on the k-th best value (nothing below it
+    // can be among the best k), so far fewer early candidates are buffered.
+    void seed(double lower_bound) { thr_ = lower_bound; }
+
+    // The k-th best value offered so far, or -inf if fewer than k were offered.
+    double kth_value() {
+        if (buf_.size() < k_) return -std::numeric_limits<double>::infinity();
+        if (buf_.size() > k_) shrink();
+        return thr_;
+    }
+
+    // Offer each value once, without indices (used for bounds).
+    void offer_values(const double* v, std::int64_t len) { offer(v, len, 0); }
+
+    // Offer the columns of one tile whose first global index is `base`; a
+    // vectorised scan skips to the next column at or above the threshold.
     void offer(const double* v, std::int64_t len, std::int64_t base) {
-        constexpr std::int64_t kBlock = 16;
         constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-        for (std::int64_t j0 = 0; j0 < len; j0 += kBlock) {
-            const std::int64_t j1 = std::min(len, j0 + kBlock);
-            double m = kNegInf;
-            for (std::int64_t j = j0; j < j1; ++j) m = v[j] > m ? v[j] : m;
-            if (m < thr_ || m == kNegInf) continue;
-            for (std::int64_t j = j0; j < j1; ++j) {
-                if (v[j] < thr_ || v[j] == kNegInf) continue;
-                buf_.emplace_back(v[j], base + j);
-                if (buf_.size() >= 2 * k_) shrink();
-            }
+        for (std::int64_t j = next_at_least(v, 0, len, thr_); j < len;
+             j = next_at_least(v, j + 1, len, thr_)) {
+            if (v[j] == kNegInf) continue;  // excluded self term
+            buf_.emplace_back(v[j], base + j);
+            if (buf_.size() >= 2 * k_) shrink();
         }
     }
 
