@@ -37,6 +37,8 @@ import numbers
 
 import numpy as np
 
+from ._validation import _to_numpy
+
 __all__ = ["bandwidth_from_noise", "select_bandwidth", "estimate_noise_std", "RULES"]
 
 RULES = ("nn", "scott")
@@ -88,7 +90,7 @@ def estimate_noise_std(X, *, sample: int = _NN_SAMPLE, seed: int = 0) -> float:
 
     Uses at most ``sample`` query points, chosen with a fixed seed, against all of X.
     """
-    X = np.asarray(X, dtype=np.float64)
+    X = _to_numpy("X", X).astype(np.float64, copy=False)
     n, d = X.shape
     if n < 2:
         raise ValueError("the 'nn' bandwidth rule needs at least 2 points in X")
@@ -106,7 +108,9 @@ def estimate_noise_std(X, *, sample: int = _NN_SAMPLE, seed: int = 0) -> float:
 
 def select_bandwidth(X, rule: str = "nn") -> float:
     """Data-driven bandwidth by rule name (``"nn"`` or ``"scott"``); see the module docstring."""
-    X = np.asarray(X, dtype=np.float64)
+    if rule not in RULES:
+        raise ValueError(f"unknown bandwidth rule {rule!r}; use one of {list(RULES)}")
+    X = _to_numpy("X", X).astype(np.float64, copy=False)
     n, d = X.shape
     if rule == "nn":
         return bandwidth_from_noise(estimate_noise_std(X), d)
