@@ -76,8 +76,8 @@ def test_nn_rule_hand_computed():
     X = np.array([[0.0], [1.0], [3.0]])
     assert estimate_noise_std(X) == pytest.approx(math.sqrt(0.5), rel=1e-12)
     assert select_bandwidth(X, rule="nn") == pytest.approx(1.0, rel=1e-12)
-    # in D = 2 (points (0,0), (3,4), (3,4)+(0,2)... keep it simple: scale the line into 2-D)
-    X2 = np.array([[0.0, 0.0], [0.6, 0.8], [1.8, 2.4]])  # distances 1 and 2 along a unit direction
+    # the same line in D = 2, along the unit direction (0.6, 0.8)
+    X2 = np.array([[0.0, 0.0], [0.6, 0.8], [1.8, 2.4]])
     # nearest squared distances 1, 1, 4 -> median 1 -> sigma^2 = 1 / (2 * 2)
     assert estimate_noise_std(X2) == pytest.approx(0.5, rel=1e-12)
     assert select_bandwidth(X2, rule="nn") == pytest.approx(SQRT2 * 0.5, rel=1e-12)

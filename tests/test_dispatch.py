@@ -133,3 +133,20 @@ def test_config_and_show_config(env, capsys):
     assert f"automatic backend: {BACKENDS[0]}" in out
     for name in ALL_BACKEND_NAMES:
         assert name in out
+
+
+@pytest.mark.parametrize("name", ["cpp", "numba"])
+def test_backend_that_fails_to_load(env, monkeypatch, name):
+    """Simulate a missing extension/numba, whatever this machine has."""
+    monkeypatch.setitem(_dispatch._loaded, name, None)
+    monkeypatch.setitem(_dispatch._errors, name, "ImportError: simulated")
+    assert name not in mapa.available_backends()
+    assert "numpy" in mapa.available_backends()
+    with pytest.raises(ValueError, match=rf"backend='{name}' is not available on this machine \(ImportError: simulated\)"):
+        mapa.log_normalizer(X, bandwidth=1.0, backend=name)
+    env.setenv("MAPA_BACKEND", name)
+    with pytest.raises(ValueError, match=rf"MAPA_BACKEND='{name}' is not available"):
+        mapa.log_normalizer(X, bandwidth=1.0)
+    env.delenv("MAPA_BACKEND")
+    assert _dispatch.resolve_backend("auto") == mapa.available_backends()[0] != name
+    np.testing.assert_allclose(mapa.log_normalizer(X, bandwidth=1.0), mapa.log_normalizer(X, bandwidth=1.0, backend="numpy"))

@@ -165,7 +165,7 @@ def test_unknown_bandwidth_rule(name, rule, no_backend_calls):
 
 def test_bandwidth_is_keyword_only():
     with pytest.raises(TypeError):
-        mapa.log_normalizer(X_OK, None, 1.0)  # noqa: the third positional would be bandwidth
+        mapa.log_normalizer(X_OK, None, 1.0)  # bandwidth given positionally
 
 
 # ------------------------------------------------------------------ exclude_self

@@ -27,6 +27,11 @@ struct PackedRefs {
     bool expand = false;
     std::vector<double> data;   // ntiles * d * ld
     std::vector<double> norms;  // ntiles * ld, when expand
+    // The expansion ||y||^2 + ||x||^2 - 2 y.x loses precision far from the
+    // origin, so that path works on data shifted by the reference mean.
+    std::vector<double> center;  // d, when expand; empty otherwise
+
+    const double* shift() const { return center.empty() ? nullptr : center.data(); }
 
     const double* tile(index_t t) const { return data.data() + t * d * ld; }
     const double* norm(index_t t) const { return expand ? norms.data() + t * ld : nullptr; }
@@ -38,12 +43,20 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads) {
     PackedRefs p;
     p.n = n;
     p.d = d;
-    p.tb = tile > 0 ? tile : default_tile(n, d);
+    // A requested tile longer than the data would only waste memory.
+    p.tb = tile > 0 ? std::min(tile, (n + kTileAlign - 1) / kTileAlign * kTileAlign) : default_tile(n, d);
     p.ld = (p.tb + kTileAlign - 1) / kTileAlign * kTileAlign;
     p.ntiles = (n + p.tb - 1) / p.tb;
     p.expand = d > kDirectMaxFeatures;
     p.data.assign(static_cast<std::size_t>(p.ntiles * d * p.ld), 0.0);
-    if (p.expand) p.norms.assign(static_cast<std::size_t>(p.ntiles * p.ld), 0.0);
+    if (p.expand) {
+        p.norms.assign(static_cast<std::size_t>(p.ntiles * p.ld), 0.0);
+        p.center.assign(static_cast<std::size_t>(d), 0.0);
+        for (index_t i = 0; i < n; ++i)
+            for (index_t k = 0; k < d; ++k) p.center[k] += static_cast<double>(x[i * d + k]);
+        for (auto& c : p.center) c /= static_cast<double>(n);
+    }
+    const double* c = p.shift();
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (index_t t = 0; t < p.ntiles; ++t) {
         double* dst = p.data.data() + t * d * p.ld;
@@ -52,7 +65,7 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads) {
             const T* row = x + (t * p.tb + j) * d;
             double sq = 0.0;
             for (index_t k = 0; k < d; ++k) {
-                const double v = static_cast<double>(row[k]);
+                const double v = static_cast<double>(row[k]) - (c ? c[k] : 0.0);
                 dst[k * p.ld + j] = v;
                 sq += v * v;
             }
@@ -67,12 +80,13 @@ struct RowBlock {
     std::vector<double> y, ynorm, logits;
     RowBlock(index_t d, index_t ld) : y(kRows * d), ynorm(kRows), logits(kRows * ld) {}
 
+    // `shift` (or nullptr) is subtracted from every row, as in PackedRefs.
     template <class T>
-    void load(const T* src, index_t r0, index_t rows, index_t d) {
+    void load(const T* src, index_t r0, index_t rows, index_t d, const double* shift) {
         for (index_t r = 0; r < rows; ++r) {
             double sq = 0.0;
             for (index_t k = 0; k < d; ++k) {
-                const double v = static_cast<double>(src[(r0 + r) * d + k]);
+                const double v = static_cast<double>(src[(r0 + r) * d + k]) - (shift ? shift[k] : 0.0);
                 y[r * d + k] = v;
                 sq += v * v;
             }
@@ -163,7 +177,7 @@ void over_query_blocks(const Args& a, const PackedRefs& p, Control& ctl, MakeSta
         nblocks, a.threads, ctl, make_state,
         [&](State& s, index_t b) {
             const index_t r0 = b * kRows, rows = std::min(kRows, a.m - r0);
-            s.block.load(y, r0, rows, a.d);
+            s.block.load(y, r0, rows, a.d, p.shift());
             s.reset(rows);
             for (index_t t = 0; t < p.ntiles; ++t) {
                 tile_logits(p, s.block, r0, rows, t, a.scale, a.exclude_self);
@@ -340,18 +354,28 @@ void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
             std::fill(s.s2.begin(), s.s2.end(), 0.0);
             for (index_t r0 = 0; r0 < n; r0 += kRows) {
                 const index_t rows = std::min(kRows, n - r0);
-                s.block.load(x, r0, rows, d);
+                s.block.load(x, r0, rows, d, p.shift());
                 tile_logits(p, s.block, r0, rows, t, a.scale, a.exclude_self);
                 for (index_t r = 0; r < rows; ++r)
                     accumulate_targets(s.block.logits.data() + r * p.ld, p.ld, lnorm[r0 + r],
                                        s.block.y.data() + r * d, d, s.block.ynorm[r], s.w.data(),
                                        s.s1t.data(), s.s2.data(), T{});
             }
+            // Back from shifted coordinates (x = x~ + c) when the tile was shifted.
             const index_t c0 = t * p.tb, len = p.len(t);
+            const double* c = p.shift();
+            double cc = 0.0;
+            for (index_t k = 0; c && k < d; ++k) cc += c[k] * c[k];
             for (index_t j = 0; j < len; ++j) {
-                w[c0 + j] = s.w[j];
-                s2[c0 + j] = s.s2[j];
-                for (index_t k = 0; k < d; ++k) s1[(c0 + j) * d + k] = s.s1t[k * p.ld + j];
+                const double wj = s.w[j];
+                double dot = 0.0;
+                for (index_t k = 0; k < d; ++k) {
+                    const double m = s.s1t[k * p.ld + j];
+                    s1[(c0 + j) * d + k] = c ? m + wj * c[k] : m;
+                    if (c) dot += m * c[k];
+                }
+                w[c0 + j] = wj;
+                s2[c0 + j] = c ? s.s2[j] + 2.0 * dot + wj * cc : s.s2[j];
             }
         },
         [&](index_t t) { return p.len(t) * n; });

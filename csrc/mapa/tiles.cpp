@@ -30,26 +30,42 @@ typedef double v8d __attribute__((vector_size(64)));
 MAPA_CLONES
 void logits_direct(const double* xt, index_t ld, index_t d, const double* y, index_t rows,
                    double scale, double* out) {
-    static_assert(kTileAlign % 32 == 0, "four vectors per column block");
-    for (index_t r = 0; r < rows; ++r) {
-        const double* yr = y + r * d;
-        double* o = out + r * ld;
-        for (index_t j0 = 0; j0 < ld; j0 += 32) {
-            v8d a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    static_assert(kTileAlign % 16 == 0, "two vectors per column block");
+    // Four rows at a time share each loaded column vector.
+    constexpr index_t kBlockRows = 4;
+    for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+        const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
+        const double* y0 = y + r0 * d;
+        const double* y1 = y + (r0 + (nr > 1 ? 1 : 0)) * d;
+        const double* y2 = y + (r0 + (nr > 2 ? 2 : nr - 1)) * d;
+        const double* y3 = y + (r0 + (nr > 3 ? 3 : nr - 1)) * d;
+        for (index_t j0 = 0; j0 < ld; j0 += 16) {
+            v8d a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
             const double* xk = xt + j0;
             for (index_t k = 0; k < d; ++k, xk += ld) {
-                const double yk = yr[k];
-                const v8d d0 = load8(xk) - yk, d1 = load8(xk + 8) - yk;
-                const v8d d2 = load8(xk + 16) - yk, d3 = load8(xk + 24) - yk;
-                a0 += d0 * d0;
-                a1 += d1 * d1;
-                a2 += d2 * d2;
-                a3 += d3 * d3;
+                const v8d x0 = load8(xk), x1 = load8(xk + 8);
+                v8d e0 = x0 - y0[k], e1 = x1 - y0[k];
+                a00 += e0 * e0;
+                a01 += e1 * e1;
+                e0 = x0 - y1[k];
+                e1 = x1 - y1[k];
+                a10 += e0 * e0;
+                a11 += e1 * e1;
+                e0 = x0 - y2[k];
+                e1 = x1 - y2[k];
+                a20 += e0 * e0;
+                a21 += e1 * e1;
+                e0 = x0 - y3[k];
+                e1 = x1 - y3[k];
+                a30 += e0 * e0;
+                a31 += e1 * e1;
             }
-            store8(o + j0, a0 * -scale);
-            store8(o + j0 + 8, a1 * -scale);
-            store8(o + j0 + 16, a2 * -scale);
-            store8(o + j0 + 24, a3 * -scale);
+            const v8d acc[kBlockRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+            for (index_t r = 0; r < nr; ++r) {
+                double* o = out + (r0 + r) * ld + j0;
+                store8(o, acc[r][0] * -scale);
+                store8(o + 8, acc[r][1] * -scale);
+            }
         }
     }
 }

@@ -139,7 +139,7 @@ def _run(name: str, p: Prepared, backend: str, call: Callable, progress):
         close()
 
 
-def _args(X, queries, bandwidth, exclude_self, block_size, num_threads):
+def _args(X, queries, bandwidth, exclude_self, block_size, num_threads, precheck=None):
     return prepare(
         X,
         queries,
@@ -147,6 +147,7 @@ def _args(X, queries, bandwidth, exclude_self, block_size, num_threads):
         exclude_self=exclude_self,
         block_size=block_size,
         num_threads=num_threads,
+        precheck=precheck,
     )
 
 
@@ -187,16 +188,36 @@ def log_normalizer(
     return p.wrap(out)
 
 
-def _check_dense_fits(p: Prepared, max_bytes: int | None) -> None:
-    need = p.n_queries * p.n_refs * p.dtype.itemsize
-    limit = available_memory_bytes() // 2 if max_bytes is None else int(max_bytes)
-    if need > limit:
-        raise ValueError(
-            f"log_posterior would allocate {need / 2**30:.2f} GiB for its ({p.n_queries}, {p.n_refs}) "
-            f"output, more than the limit of {limit / 2**30:.2f} GiB (half the available memory, or "
-            f"max_bytes); use log_posterior_topk(..., k=...) for the largest entries, "
-            f"posterior_targets for training statistics, or fewer queries per call"
-        )
+def _dense_fits(max_bytes: int | None):
+    """Check, from the shapes alone, that the dense output fits in memory."""
+
+    def check(n_refs: int, n_queries: int, dtype: np.dtype) -> None:
+        need = n_queries * n_refs * dtype.itemsize
+        limit = available_memory_bytes() // 2 if max_bytes is None else int(max_bytes)
+        if need > limit:
+            raise ValueError(
+                f"log_posterior would allocate {need / 2**30:.2f} GiB for its ({n_queries}, {n_refs}) "
+                f"output, more than the limit of {limit / 2**30:.2f} GiB (half the available memory, "
+                f"or max_bytes); use log_posterior_topk(..., k=...) for the largest entries, "
+                f"posterior_targets for training statistics, or fewer queries per call"
+            )
+
+    return check
+
+
+def _topk_fits(k):
+    """Check k and the size of the top-k output from the shapes alone."""
+
+    def check(n_refs: int, n_queries: int, dtype: np.dtype) -> None:
+        check_k(k, n_refs, False)
+        need = n_queries * int(k) * (8 + dtype.itemsize)
+        if need > available_memory_bytes() // 2:
+            raise ValueError(
+                f"log_posterior_topk with k={k} would allocate {need / 2**30:.2f} GiB; use a smaller k "
+                f"or fewer queries per call"
+            )
+
+    return check
 
 
 @_doc
@@ -225,8 +246,7 @@ def log_posterior(
     array of shape (n_queries, n_refs)
         log q(i | m); each row log-sum-exps to 0; excluded self entries are -inf.
     """
-    p = _args(X, queries, bandwidth, exclude_self, block_size, num_threads)
-    _check_dense_fits(p, max_bytes)
+    p = _args(X, queries, bandwidth, exclude_self, block_size, num_threads, _dense_fits(max_bytes))
     out = _run(
         "log_posterior",
         p,
@@ -265,14 +285,8 @@ def log_posterior_topk(
         descending, ``log_norm`` (n_queries,) over all references, and
         ``kept_mass`` (n_queries,) = sum of the kept probabilities.
     """
-    p = _args(X, queries, bandwidth, exclude_self, block_size, num_threads)
+    p = _args(X, queries, bandwidth, exclude_self, block_size, num_threads, _topk_fits(k))
     k = check_k(k, p.n_refs, p.exclude_self)
-    need = p.n_queries * k * (8 + p.dtype.itemsize)
-    if need > available_memory_bytes() // 2:
-        raise ValueError(
-            f"log_posterior_topk with k={k} would allocate {need / 2**30:.2f} GiB; use a smaller k "
-            f"or fewer queries per call"
-        )
     idx, logp, lnorm = _run(
         "log_posterior_topk",
         p,

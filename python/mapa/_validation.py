@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -131,8 +131,9 @@ def available_memory_bytes() -> int:
 class Prepared:
     """Validated kernel inputs.
 
-    ``X`` and ``Y`` are centred by the mean of the references (``center``) and
-    share one dtype; ``Y is X`` when the caller passed no queries.
+    ``X`` and ``Y`` share one dtype; float64 inputs are shifted by the mean of
+    the references (``center``; zeros for float32, see ``prepare``). ``Y is X``
+    when the caller passed no queries.
     """
 
     X: np.ndarray
@@ -182,7 +183,7 @@ def _check_bandwidth(bandwidth: Any, X: np.ndarray) -> float:
     h = float(bandwidth)
     if not np.isfinite(h) or h <= 0.0:
         raise ValueError(f"bandwidth must be a finite float > 0, got {bandwidth!r}")
-    scale = 0.5 / (h * h)
+    scale = 0.5 / (h * h) if h * h > 0.0 else np.inf
     if not np.isfinite(scale) or scale == 0.0:
         raise ValueError(f"bandwidth={h!r} is too extreme: 1/(2 h^2) is not a finite positive number")
     return h
@@ -216,8 +217,14 @@ def prepare(
     exclude_self: Any,
     block_size: Any,
     num_threads: Any,
+    precheck: Callable[[int, int, np.dtype], None] | None = None,
 ) -> Prepared:
-    """Validate and convert the arguments shared by every kernel function."""
+    """Validate and convert the arguments shared by every kernel function.
+
+    ``precheck(n_refs, n_queries, dtype)``, if given, runs once the shapes are
+    known and before any work that scales with them (a data-driven bandwidth
+    rule), so that e.g. an output-size check fails fast.
+    """
     as_torch = _is_torch_tensor(X) or _is_torch_tensor(queries)
     Xa = _to_numpy("X", X)
     if not isinstance(exclude_self, (bool, np.bool_)):
@@ -241,13 +248,20 @@ def prepare(
         dtype = np.result_type(Xa.dtype, Ya.dtype)
     if exclude_self and Xa.shape[0] < 2:
         raise ValueError("exclude_self=True needs at least 2 points in X (with one point nothing is left)")
-    h = _check_bandwidth(bandwidth, Xa)
     bs = _check_block_size(block_size)
     nt = resolve_num_threads(num_threads)
+    if precheck is not None:
+        precheck(Xa.shape[0], Xa.shape[0] if Ya is None else Ya.shape[0], np.dtype(dtype))
+    h = _check_bandwidth(bandwidth, Xa)
 
-    center = Xa.mean(axis=0, dtype=np.float64)
-    Xc = np.ascontiguousarray(Xa - center, dtype=dtype)
-    Yc = Xc if Ya is None else np.ascontiguousarray(Ya - center, dtype=dtype)
+    # float64 data are shifted by the reference mean (exact to rounding of
+    # |x - mean|), which keeps any backend's ||x||^2 + ||y||^2 - 2 x.y form
+    # accurate for offset data. float32 data are passed as given: rounding a
+    # shifted copy back to float32 would move every point by up to half an
+    # ulp, and the backends form squared distances in float64 anyway.
+    center = Xa.mean(axis=0, dtype=np.float64) if dtype == np.float64 else np.zeros(Xa.shape[1])
+    Xc = np.ascontiguousarray(Xa - center if center.any() else Xa, dtype=dtype)
+    Yc = Xc if Ya is None else np.ascontiguousarray(Ya - center if center.any() else Ya, dtype=dtype)
     return Prepared(
         X=Xc,
         Y=Yc,
