@@ -100,7 +100,7 @@ def test_scott_rule_hand_computed():
 
 
 def test_rules_are_translation_invariant_and_scale_equivariant():
-    X = np.random.default_rng(0).standard_normal((200, 5))
+    X = _noisy_line(1000, 2, 0.1, length=6.0, seed=0)  # dense enough for every rule
     for rule in RULES:
         h = select_bandwidth(X, rule)
         assert select_bandwidth(X + 1e3, rule) == pytest.approx(h, rel=1e-6)
@@ -137,11 +137,22 @@ def test_nn_rule_recovers_sigma_when_noise_dominates(seed, sigma):
     assert select_bandwidth(X, "nn") == pytest.approx(bandwidth_from_noise(sigma, 50), rel=0.2)
 
 
-def test_nn_rule_overestimates_sparse_low_dimensional_data():
-    # Documented as an upper bound: sparse points on a line in D = 2 are far apart
-    # compared with the noise, so the estimate is much larger than sigma.
-    X = _noisy_line(50, 2, 0.01, length=100.0, seed=0)
-    assert estimate_noise_std(X) > 10 * 0.01
+def test_nn_rule_underestimates_dense_low_dimensional_data_and_lpca_does_not():
+    # Documented: in D = 2 the noise fills a tube whose points have much closer
+    # neighbours than sigma, so "nn" is far too small; "lpca" (and "auto",
+    # which picks it here) measures the tube's width.
+    X = _noisy_line(2000, 2, 0.1, length=6.0, seed=0)
+    assert estimate_noise_std(X, method="nn") < 0.3 * 0.1
+    assert estimate_noise_std(X, method="lpca") == pytest.approx(0.1, rel=0.25)
+    assert estimate_noise_std(X) == estimate_noise_std(X, method="lpca")
+
+
+def test_lpca_refuses_data_too_sparse_for_its_dimension():
+    X = _noisy_line(60, 50, 0.1, length=6.0, seed=0)
+    with pytest.raises(ValueError, match=r"'lpca' noise estimate needs balls"):
+        estimate_noise_std(X, method="lpca")
+    # "auto" falls back to "nn" there
+    assert estimate_noise_std(X) == estimate_noise_std(X, method="nn")
 
 
 # ---------------------------------------------------------------- rules: errors
@@ -153,12 +164,12 @@ def test_unknown_rule():
 
 
 def test_nn_rule_needs_two_points():
-    with pytest.raises(ValueError, match=r"'nn' bandwidth rule needs at least 2 points"):
+    with pytest.raises(ValueError, match=r"'nn' noise estimate needs at least 2 points"):
         select_bandwidth(np.ones((1, 3)), "nn")
 
 
 def test_nn_rule_all_duplicates():
-    with pytest.raises(ValueError, match=r"bandwidth rule 'nn' failed: all sampled points have an exact duplicate"):
+    with pytest.raises(ValueError, match=r"noise estimate 'nn' failed: all sampled points have an exact duplicate"):
         select_bandwidth(np.ones((5, 3)), "nn")
 
 
@@ -224,7 +235,7 @@ def test_kernel_bandwidth_accepts_numpy_and_torch_scalars():
 
 
 def test_kernel_rule_errors_surface():
-    with pytest.raises(ValueError, match=r"'nn' bandwidth rule needs at least 2 points"):
+    with pytest.raises(ValueError, match=r"'nn' noise estimate needs at least 2 points"):
         mapa.log_normalizer(np.ones((1, 2)), bandwidth="nn")
     with pytest.raises(ValueError, match=r"bandwidth rule 'scott' failed"):
         mapa.log_normalizer(np.ones((4, 2)), bandwidth="scott")
