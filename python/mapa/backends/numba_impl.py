@@ -3,28 +3,37 @@
 Same contract as :mod:`mapa.backends.numpy_ref` (see the package docstring).
 All arithmetic is float64 whatever the input dtype: the references are copied
 once into a transposed float64 array ``XT`` (D, N), so that the squared
-distance of one query to a tile of references is a contiguous loop over the
+distances of a query to a tile of references form a contiguous loop over the
 references (explicit differences, no ||x||^2 + ||y||^2 - 2 x.y expansion).
+Queries go in pairs, sharing each load of ``XT``.
 
 Work is split as blocks of query rows x tiles of references (``block_size``
-references per tile). Each query keeps a running maximum ``m`` and a sum
-``s`` rescaled whenever the maximum grows, so ``log_norm = m + log(s)`` is
-finite for any bandwidth and any data offset. The tile maximum comes from the
-minimum squared distance, taken over the bit patterns of the (non-negative)
-distances as int64, which LLVM vectorises without fast-math.
+references per tile). Each query row keeps its smallest squared distance so
+far, ``dmin``, and ``s = sum_j exp(-scale (d_j - dmin))``, rescaled when
+``dmin`` drops; then ``log_norm = -scale dmin + log s`` and
+``log q = scale (dmin - d) - log s``, formed without cancellation however
+large the distances (data offsets, tiny bandwidths, isolated points). The
+tile's smallest distance is a min-reduction over the bit patterns of the
+(non-negative) distances as int64, which LLVM vectorises without fast-math.
+Tiles whose every term is below exp(-708) skip the exponentials.
 
 ``exp`` is our own, branch-free and vectorisable (Numba has no SVML here):
 Cody-Waite reduction ``x = k ln2 + r`` with ``|r| <= ln2/2``, a degree-11
 polynomial for ``exp(r)`` (Chebyshev fit on that interval, ~2e-16 relative),
 and ``2^k`` assembled as the int64 bit pattern ``(k + 1023) << 52`` viewed as
-float64. Arguments below -708 give exactly 0 (also for -inf, the excluded self
+float64. Arguments below -708 give exactly 0 (also -inf, the excluded self
 term). Fast-math is limited to 'contract' (FMA) for the arithmetic and
 'reassoc' for the plain reductions; no 'nnan'/'ninf' anywhere.
+
+Top-k keeps a bounded max-heap per row on (distance, index), so ties in
+distance go to the lower index; the reference sorts by log-probability, which
+can differ only where two distinct distances round to the same float64 logit.
 
 Parallelism: ``prange`` over blocks of query rows (``targets``: blocks of
 references, so each thread owns its output rows). Large problems are cut into
 up to 16 chunks of rows, between which ``progress`` is called and Ctrl-C is
-seen.
+seen. Compiled signatures: the row kernel for a float64 and a float32 dense
+output, and the targets kernel (all cached on disk).
 """
 
 from __future__ import annotations
@@ -70,55 +79,94 @@ _CHUNK_WORK = 1 << 29  # pairs * (8 + D) per chunk before splitting further
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
-def _sq_dists(XT, j0, nb, y, d2):
-    """d2[j] = ||y - x_{j0+j}||^2 for j < nb, from XT (D, N); dims in groups of 4."""
+def _sq_dists2(XT, j0, nb, ya, yb, da, db):
+    """da[j], db[j] = ||ya - x_{j0+j}||^2, ||yb - x_{j0+j}||^2 for j < nb.
+
+    Two queries share each load of the transposed references XT (D, N);
+    dimensions go in groups of up to 4 per pass over the tile.
+    """
     D = XT.shape[0]
     rem = D % 4
-    if rem == 1:
-        r0 = XT[0, j0 : j0 + nb]
-        y0 = y[0]
+    if rem == 0:
         for j in range(nb):
-            t0 = y0 - r0[j]
-            d2[j] = t0 * t0
+            da[j] = 0.0
+            db[j] = 0.0
+    elif rem == 1:
+        r0 = XT[0, j0 : j0 + nb]
+        a0 = ya[0]
+        b0 = yb[0]
+        for j in range(nb):
+            x0 = r0[j]
+            t0 = a0 - x0
+            da[j] = t0 * t0
+            t0 = b0 - x0
+            db[j] = t0 * t0
     elif rem == 2:
         r0 = XT[0, j0 : j0 + nb]
         r1 = XT[1, j0 : j0 + nb]
-        y0 = y[0]
-        y1 = y[1]
+        a0 = ya[0]
+        a1 = ya[1]
+        b0 = yb[0]
+        b1 = yb[1]
         for j in range(nb):
-            t0 = y0 - r0[j]
-            t1 = y1 - r1[j]
-            d2[j] = t0 * t0 + t1 * t1
-    elif rem == 3:
+            x0 = r0[j]
+            x1 = r1[j]
+            t0 = a0 - x0
+            t1 = a1 - x1
+            da[j] = t0 * t0 + t1 * t1
+            t0 = b0 - x0
+            t1 = b1 - x1
+            db[j] = t0 * t0 + t1 * t1
+    else:
         r0 = XT[0, j0 : j0 + nb]
         r1 = XT[1, j0 : j0 + nb]
         r2 = XT[2, j0 : j0 + nb]
-        y0 = y[0]
-        y1 = y[1]
-        y2 = y[2]
+        a0 = ya[0]
+        a1 = ya[1]
+        a2 = ya[2]
+        b0 = yb[0]
+        b1 = yb[1]
+        b2 = yb[2]
         for j in range(nb):
-            t0 = y0 - r0[j]
-            t1 = y1 - r1[j]
-            t2 = y2 - r2[j]
-            d2[j] = t0 * t0 + t1 * t1 + t2 * t2
-    else:
-        for j in range(nb):
-            d2[j] = 0.0
+            x0 = r0[j]
+            x1 = r1[j]
+            x2 = r2[j]
+            t0 = a0 - x0
+            t1 = a1 - x1
+            t2 = a2 - x2
+            da[j] = t0 * t0 + t1 * t1 + t2 * t2
+            t0 = b0 - x0
+            t1 = b1 - x1
+            t2 = b2 - x2
+            db[j] = t0 * t0 + t1 * t1 + t2 * t2
     for d in range(rem, D, 4):
         r0 = XT[d, j0 : j0 + nb]
         r1 = XT[d + 1, j0 : j0 + nb]
         r2 = XT[d + 2, j0 : j0 + nb]
         r3 = XT[d + 3, j0 : j0 + nb]
-        y0 = y[d]
-        y1 = y[d + 1]
-        y2 = y[d + 2]
-        y3 = y[d + 3]
+        a0 = ya[d]
+        a1 = ya[d + 1]
+        a2 = ya[d + 2]
+        a3 = ya[d + 3]
+        b0 = yb[d]
+        b1 = yb[d + 1]
+        b2 = yb[d + 2]
+        b3 = yb[d + 3]
         for j in range(nb):
-            t0 = y0 - r0[j]
-            t1 = y1 - r1[j]
-            t2 = y2 - r2[j]
-            t3 = y3 - r3[j]
-            d2[j] += (t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3)
+            x0 = r0[j]
+            x1 = r1[j]
+            x2 = r2[j]
+            x3 = r3[j]
+            t0 = a0 - x0
+            t1 = a1 - x1
+            t2 = a2 - x2
+            t3 = a3 - x3
+            da[j] += (t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3)
+            t0 = b0 - x0
+            t1 = b1 - x1
+            t2 = b2 - x2
+            t3 = b3 - x3
+            db[j] += (t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3)
 
 
 @njit(cache=True, nogil=True)
@@ -204,21 +252,25 @@ def _sift_down(hd, hi, pos, size):
 
 @njit(cache=True, nogil=True)
 def _heap_scan(d2, nb, j0, self_col, hd, hi):
-    """Offer the tile's entries to the bounded heap hd/hi (root = current k-th best)."""
+    """Offer the tile's entries to the bounded heap hd/hi (root = current k-th best).
+
+    A plain scalar scan: the first test (d <= k-th best distance) is almost
+    always false and well predicted; a vectorised pre-filter over short runs
+    measured slower.
+    """
     k = hd.shape[0]
     td = hd[0]
     ti = hi[0]
     for j in range(nb):
         d = d2[j]
-        col = j0 + j
-        if d < td or (d == td and col < ti):
-            if col == self_col:
-                continue
-            hd[0] = d
-            hi[0] = col
-            _sift_down(hd, hi, 0, k)
-            td = hd[0]
-            ti = hi[0]
+        if d <= td:
+            col = j0 + j
+            if (d < td or col < ti) and col != self_col:
+                hd[0] = d
+                hi[0] = col
+                _sift_down(hd, hi, 0, k)
+                td = hd[0]
+                ti = hi[0]
 
 
 @njit(cache=True, nogil=True)
@@ -256,12 +308,33 @@ def _accumulate(p, f, nb, j0, sq, XT, i, W, S1, S2):
         s2 += e * sqt[j]
     W[i] += w
     S2[i] += s2
-    for d in range(XT.shape[0]):
+    D = XT.shape[0]
+    rem = D % 4
+    for d in range(rem):
         row = XT[d, j0 : j0 + nb]
         acc = 0.0
         for j in range(nb):
             acc += p[j] * row[j]
         S1[i, d] += acc
+    for d in range(rem, D, 4):  # four dimensions per pass over p
+        r0 = XT[d, j0 : j0 + nb]
+        r1 = XT[d + 1, j0 : j0 + nb]
+        r2 = XT[d + 2, j0 : j0 + nb]
+        r3 = XT[d + 3, j0 : j0 + nb]
+        a0 = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        a3 = 0.0
+        for j in range(nb):
+            e = p[j]
+            a0 += e * r0[j]
+            a1 += e * r1[j]
+            a2 += e * r2[j]
+            a3 += e * r3[j]
+        S1[i, d] += a0
+        S1[i, d + 1] += a1
+        S1[i, d + 2] += a2
+        S1[i, d + 3] += a3
 
 
 # --------------------------------------------------------------------------
@@ -288,8 +361,8 @@ def _rows_kernel(XT, Y, scale, excl, row0, tile, qb, mode, dmin_out, logs_out, d
     for b in prange(nblk):
         q0 = b * qb
         nq = min(M, q0 + qb) - q0
-        d2 = np.empty(tile, dtype=np.float64)
-        d2i = d2.view(np.int64)
+        dbuf = np.empty((2, tile), dtype=np.float64)  # distances of a pair of rows
+        ibuf = dbuf.view(np.int64)
         p = np.empty(tile, dtype=np.float64)
         ik = np.empty(tile, dtype=np.int64)
         f = ik.view(np.float64)
@@ -303,39 +376,47 @@ def _rows_kernel(XT, Y, scale, excl, row0, tile, qb, mode, dmin_out, logs_out, d
                 top_i[q0 + qq, :] = N  # sentinel: ranks after every real column
         for j0 in range(0, N, tile):
             nb = min(tile, N - j0)
-            for qq in range(nq):
-                r = q0 + qq
-                self_col = row0 + r if excl else -1
-                _sq_dists(XT, j0, nb, Y[r], d2)
-                if j0 <= self_col < j0 + nb:
-                    d2[self_col - j0] = np.inf
-                bits[0] = _min_bits(d2i, nb)
-                dt = bitsf[0]
-                if dt == np.inf:
-                    continue  # the tile is only the excluded self
-                if dt < dm[qq]:
-                    s[qq] *= math.exp(scale * (dt - dm[qq]))
-                    dm[qq] = dt
-                if scale * (dm[qq] - dt) >= _EXP_MIN:  # else every term is exp(< -708) = 0
-                    _exp_terms(d2, nb, scale, dm[qq], p, ik)
-                    s[qq] += _sum_terms(p, f, nb)
-                if mode == 2:
-                    hd = top_d[r]
-                    hi = top_i[r]
-                    if dt < hd[0] or (dt == hd[0] and j0 < hi[0]):
-                        _heap_scan(d2, nb, j0, self_col, hd, hi)
+            for qp in range(0, nq, 2):
+                # a lone last row is paired with itself
+                _sq_dists2(XT, j0, nb, Y[q0 + qp], Y[q0 + min(qp + 1, nq - 1)], dbuf[0], dbuf[1])
+                for h in range(min(2, nq - qp)):
+                    qq = qp + h
+                    d2 = dbuf[h]
+                    d2i = ibuf[h]
+                    r = q0 + qq
+                    self_col = row0 + r if excl else -1
+                    if j0 <= self_col < j0 + nb:
+                        d2[self_col - j0] = np.inf
+                    bits[0] = _min_bits(d2i, nb)
+                    dt = bitsf[0]
+                    if dt == np.inf:
+                        continue  # the tile is only the excluded self
+                    if dt < dm[qq]:
+                        s[qq] *= math.exp(scale * (dt - dm[qq]))
+                        dm[qq] = dt
+                    if scale * (dm[qq] - dt) >= _EXP_MIN:  # else every term is exp(< -708) = 0
+                        _exp_terms(d2, nb, scale, dm[qq], p, ik)
+                        s[qq] += _sum_terms(p, f, nb)
+                    if mode == 2:
+                        hd = top_d[r]
+                        hi = top_i[r]
+                        if dt < hd[0] or (dt == hd[0] and j0 < hi[0]):
+                            _heap_scan(d2, nb, j0, self_col, hd, hi)
         for qq in range(nq):
             dmin_out[q0 + qq] = dm[qq]
             logs_out[q0 + qq] = math.log(s[qq])
         if mode == 1:
             for j0 in range(0, N, tile):
                 nb = min(tile, N - j0)
-                for qq in range(nq):
-                    r = q0 + qq
-                    _sq_dists(XT, j0, nb, Y[r], d2)
-                    if excl and j0 <= row0 + r < j0 + nb:
-                        d2[row0 + r - j0] = np.inf
-                    _write_logq(d2, nb, scale, dm[qq], logs_out[r], dense[r], j0)
+                for qp in range(0, nq, 2):
+                    _sq_dists2(XT, j0, nb, Y[q0 + qp], Y[q0 + min(qp + 1, nq - 1)], dbuf[0], dbuf[1])
+                    for h in range(min(2, nq - qp)):
+                        qq = qp + h
+                        r = q0 + qq
+                        d2 = dbuf[h]
+                        if excl and j0 <= row0 + r < j0 + nb:
+                            d2[row0 + r - j0] = np.inf
+                        _write_logq(d2, nb, scale, dm[qq], logs_out[r], dense[r], j0)
         elif mode == 2:
             for qq in range(nq):
                 r = q0 + qq
@@ -360,8 +441,8 @@ def _targets_kernel(XT, X, dmin, logs, dmin_tile_max, sq, scale, excl, i_start, 
     for b in prange(nblk):
         i0 = i_start + b * qb
         i1 = min(i_stop, i0 + qb)
-        d2 = np.empty(tile, dtype=np.float64)
-        d2i = d2.view(np.int64)
+        dbuf = np.empty((2, tile), dtype=np.float64)
+        ibuf = dbuf.view(np.int64)
         p = np.empty(tile, dtype=np.float64)
         ik = np.empty(tile, dtype=np.int64)
         f = ik.view(np.float64)
@@ -369,16 +450,19 @@ def _targets_kernel(XT, X, dmin, logs, dmin_tile_max, sq, scale, excl, i_start, 
         bitsf = bits.view(np.float64)
         for j0 in range(0, N, tile):
             nb = min(tile, N - j0)
-            for i in range(i0, i1):
-                _sq_dists(XT, j0, nb, X[i], d2)
-                if excl and j0 <= i < j0 + nb:
-                    d2[i - j0] = np.inf
-                bits[0] = _min_bits(d2i, nb)
-                if scale * (dmin_tile_max[j0 // tile] - bitsf[0]) < _EXP_MIN:
-                    continue
-                _neg_log_q(d2, nb, scale, dmin, logs, j0)
-                _exp_terms(d2, nb, 1.0, 0.0, p, ik)
-                _accumulate(p, f, nb, j0, sq, XT, i, W, S1, S2)
+            for ip in range(i0, i1, 2):
+                _sq_dists2(XT, j0, nb, X[ip], X[min(ip + 1, i1 - 1)], dbuf[0], dbuf[1])
+                for h in range(min(2, i1 - ip)):
+                    i = ip + h
+                    d2 = dbuf[h]
+                    if excl and j0 <= i < j0 + nb:
+                        d2[i - j0] = np.inf
+                    bits[0] = _min_bits(ibuf[h], nb)
+                    if scale * (dmin_tile_max[j0 // tile] - bitsf[0]) < _EXP_MIN:
+                        continue
+                    _neg_log_q(d2, nb, scale, dmin, logs, j0)
+                    _exp_terms(d2, nb, 1.0, 0.0, p, ik)
+                    _accumulate(p, f, nb, j0, sq, XT, i, W, S1, S2)
 
 
 # --------------------------------------------------------------------------
@@ -430,9 +514,8 @@ _NO_DENSE = np.empty((0, 0), dtype=np.float64)
 _NO_IDX = np.empty((0, 0), dtype=np.int64)
 
 
-def _run_rows(X, Y, scale, exclude_self, block_size, num_threads, progress, mode, dense, top_i, top_d):
+def _run_rows(XT, Y64, scale, exclude_self, block_size, num_threads, progress, mode, dense, top_i, top_d):
     """Run the row kernel in chunks; returns (dmin, logs), float64 (M,)."""
-    _, XT, Y64 = _as_f64(X, Y)
     M, N, D = Y64.shape[0], XT.shape[1], XT.shape[0]
     tile = min(int(block_size) if block_size > 0 else _default_tile(D), N)
     dmin = np.empty(M, dtype=np.float64)
@@ -464,32 +547,41 @@ def _log_norm(dmin, logs, scale, dtype):
 
 
 def log_normalizer(X, Y, scale, exclude_self, block_size=0, num_threads=1, progress=None):
-    dmin, logs = _run_rows(X, Y, scale, exclude_self, block_size, num_threads, progress, 0, _NO_DENSE, _NO_IDX, _NO_DENSE)
+    _, XT, Y64 = _as_f64(X, Y)
+    dmin, logs = _run_rows(
+        XT, Y64, scale, exclude_self, block_size, num_threads, progress, 0, _NO_DENSE, _NO_IDX, _NO_DENSE
+    )
     return _log_norm(dmin, logs, scale, X.dtype)
 
 
 def log_posterior(X, Y, scale, exclude_self, block_size=0, num_threads=1, progress=None):
+    _, XT, Y64 = _as_f64(X, Y)
     out = np.empty((Y.shape[0], X.shape[0]), dtype=X.dtype)
-    _run_rows(X, Y, scale, exclude_self, block_size, num_threads, progress, 1, out, _NO_IDX, _NO_DENSE)
+    _run_rows(XT, Y64, scale, exclude_self, block_size, num_threads, progress, 1, out, _NO_IDX, _NO_DENSE)
     return out
 
 
 def topk(X, Y, scale, k, exclude_self, block_size=0, num_threads=1, progress=None):
+    _, XT, Y64 = _as_f64(X, Y)
     M = Y.shape[0]
     idx = np.empty((M, k), dtype=np.int64)
     logp = np.empty((M, k), dtype=np.float64)
-    dmin, logs = _run_rows(X, Y, scale, exclude_self, block_size, num_threads, progress, 2, _NO_DENSE, idx, logp)
+    dmin, logs = _run_rows(
+        XT, Y64, scale, exclude_self, block_size, num_threads, progress, 2, _NO_DENSE, idx, logp
+    )
     return idx, logp.astype(X.dtype, copy=False), _log_norm(dmin, logs, scale, X.dtype)
 
 
 def targets(X, scale, exclude_self, block_size=0, num_threads=1, progress=None):
     N, D = X.shape
+    X64, XT, _ = _as_f64(X, X)
     total = 2 * N
     # pass 1: normaliser of every row n (progress 0 .. N)
     inner = None if progress is None else (lambda done, _total: progress(done, total))
-    dmin, logs = _run_rows(X, X, scale, exclude_self, block_size, num_threads, inner, 0, _NO_DENSE, _NO_IDX, _NO_DENSE)
+    dmin, logs = _run_rows(
+        XT, X64, scale, exclude_self, block_size, num_threads, inner, 0, _NO_DENSE, _NO_IDX, _NO_DENSE
+    )
     # pass 2: per-reference sums, each thread owning a block of references (N .. 2N)
-    X64, XT, _ = _as_f64(X, X)
     sq = np.einsum("nd,nd->n", X64, X64)
     W = np.zeros(N)
     S1 = np.zeros((N, D))
