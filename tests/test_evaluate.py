@@ -63,11 +63,11 @@ def test_true_log_likelihood_2d_latent_agrees_with_prior_sampling():
 def test_posterior_tv_reference_values():
     ds = datasets.load("spiral", n_train=600, n_test=10)
     tv = evaluate.posterior_tv(ds)
-    assert set(tv) >= {"bandwidth", "mapa", "mapa_exclude_self", "uniform", "self_only", "mapa_nn", "rows"}
+    assert set(tv) >= {"bandwidth", "mapa", "mapa_exclude_self", "uniform", "self_only", "mapa_auto", "rows"}
     assert tv["bandwidth"] == pytest.approx(math.sqrt(2) * 0.1)
     assert 0.8 <= tv["uniform"] <= 0.99  # MAPA.md, section 2
     assert tv["mapa"] < 0.5 < tv["self_only"]
-    for key in ("mapa", "mapa_exclude_self", "uniform", "self_only", "mapa_nn"):
+    for key in ("mapa", "mapa_exclude_self", "uniform", "self_only", "mapa_auto"):
         assert 0.0 <= tv[key] <= 1.0
     sub = evaluate.posterior_tv(ds, max_rows=200, bandwidth=0.2)
     assert sub["rows"] == 200 and sub["bandwidth"] == 0.2

@@ -27,7 +27,7 @@ DEMO_DATASET = "spiral"
 DEMO_N_TRAIN = 1500
 DEMO_N_TEST = 500
 # Epochs per method for `mapa demo`: about a minute in all on 2 CPU cores.
-DEMO_EPOCHS = {"mapa": 200, "vae": 200, "iwae": 100, "aggressive": 30}
+DEMO_EPOCHS = {"mapa": 60, "vae": 200, "iwae": 100, "aggressive": 30}
 DEMO_CURVE_POINTS = 4
 
 
@@ -166,7 +166,7 @@ def _run(args, *, demo: bool) -> int:
     result = compare(
         args.dataset, args.methods, seed=args.seed, n_train=n_train, n_test=n_test, epochs=epochs,
         num_samples=num_samples, curve_points=curve_points, known_noise=not args.learn_noise, output_dir=args.output_dir,
-        progress=False, log=log,
+        progress=False if args.quiet else None, log=log,
     )
     print(format_table(result))
     if args.json:
@@ -175,7 +175,7 @@ def _run(args, *, demo: bool) -> int:
     if result["plots"]:
         print(f"\nplots written to {Path(args.output_dir).resolve()}:")
         for path in result["plots"].values():
-            print(f"  {path}")
+            print(f"  {Path(path).resolve()}")
     if demo:
         print(f"\nfinished in {time.perf_counter() - start:.0f} s")
     return 0

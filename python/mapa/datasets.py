@@ -37,6 +37,7 @@ the last ``n_test`` (default 297) test.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -320,10 +321,17 @@ def _sample_ground_truth(info: DatasetInfo, n_train: int, n_test: int, seed: int
     return Dataset(info.name, X_train, X_test, Z_train, Z_test, decoder, float(sigma), K, info.likelihood, info.description, seed)
 
 
-def _load_digits(info: DatasetInfo, n_train: int, n_test: int, seed: int) -> Dataset:
+@functools.lru_cache(maxsize=1)
+def _digits_array() -> np.ndarray:
     from sklearn.datasets import load_digits
 
     data = load_digits().data.astype(np.float64) / 16.0
+    data.setflags(write=False)
+    return data
+
+
+def _load_digits(info: DatasetInfo, n_train: int, n_test: int, seed: int) -> Dataset:
+    data = _digits_array()
     n = data.shape[0]
     if n_train + n_test > n:
         raise ValueError(f"digits has {n} images; n_train + n_test = {n_train + n_test} is too many")

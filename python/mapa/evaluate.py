@@ -102,8 +102,9 @@ def posterior_tv(
     -------
     dict
         ``bandwidth``, ``bandwidth_over_sigma``, ``rows``, and mean TVs:
-        ``mapa`` (self term included), ``mapa_exclude_self``, ``mapa_nn``
-        (the data-driven ``"nn"`` bandwidth, also reported as ``nn_bandwidth``),
+        ``mapa`` (self term included), ``mapa_exclude_self``, ``mapa_auto``
+        (the data-driven ``"auto"`` bandwidth rule of :mod:`mapa.bandwidth`,
+        whose value is reported as ``auto_bandwidth``),
         ``uniform`` (q = 1/N) and ``self_only`` (q(i|n) = 1[i = n]).
     """
     from . import bandwidth_from_noise, log_posterior, select_bandwidth
@@ -122,8 +123,8 @@ def posterior_tv(
     rows = np.arange(n) if n <= max_rows else np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
     log_p = _datasets.exact_log_posterior(dataset, rows=rows)
     log_q = np.asarray(log_posterior(X, queries=X[rows], bandwidth=h))
-    h_nn = select_bandwidth(X, "nn")
-    log_q_nn = np.asarray(log_posterior(X, queries=X[rows], bandwidth=h_nn))
+    h_auto = select_bandwidth(X, "auto")
+    log_q_auto = np.asarray(log_posterior(X, queries=X[rows], bandwidth=h_auto))
     p = np.exp(log_p)
     return {
         "bandwidth": h,
@@ -131,8 +132,8 @@ def posterior_tv(
         "rows": int(len(rows)),
         "mapa": float(total_variation(log_p, log_q).mean()),
         "mapa_exclude_self": float(total_variation(log_p, _renormalise_without_self(log_q, rows)).mean()),
-        "nn_bandwidth": h_nn,
-        "mapa_nn": float(total_variation(log_p, log_q_nn).mean()),
+        "auto_bandwidth": h_auto,
+        "mapa_auto": float(total_variation(log_p, log_q_auto).mean()),
         "uniform": float((0.5 * np.abs(p - 1.0 / n).sum(axis=1)).mean()),
         "self_only": float((1.0 - p[np.arange(len(rows)), rows]).mean()),
     }
@@ -352,7 +353,7 @@ def compare(
     curve_points: int = 1,
     known_noise: bool = True,
     output_dir=None,
-    progress: bool | Callable | None = None,
+    progress: bool | None = None,
     fit_options: dict | None = None,
     log: Callable[[str], Any] | None = None,
 ) -> dict:
@@ -382,8 +383,8 @@ def compare(
         inference differs); False lets each method learn it.
     output_dir : path, optional
         Write the plots of :mod:`mapa.plots` there.
-    progress : bool or callable, optional
-        Passed to :func:`mapa.fit`.
+    progress : bool, optional
+        Passed to :func:`mapa.fit` (None: its default, a bar when stderr is a terminal).
     fit_options : dict, optional
         Extra keyword arguments for every :func:`mapa.fit` call.
     log : callable, optional

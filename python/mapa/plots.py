@@ -133,7 +133,7 @@ def plot_density(dataset, models: Mapping[str, object], path, *, grid_size: int 
         side = math.isqrt(D)
         for ax, name in zip(axes, panels):
             imgs = Xt[:25] if name in ("data", "truth") else _model_samples(models[name], dataset.likelihood, 25, seed)
-            mosaic = np.ones((5 * (side + 1) - 1, 5 * (side + 1) - 1))
+            mosaic = np.zeros((5 * (side + 1) - 1, 5 * (side + 1) - 1))
             for k, img in enumerate(imgs[:25]):
                 r, c = divmod(k, 5)
                 mosaic[r * (side + 1) : r * (side + 1) + side, c * (side + 1) : c * (side + 1) + side] = img.reshape(side, side)
@@ -270,7 +270,10 @@ def plot_ll_vs_evaluations(result: dict, path) -> Path:
             yerr=[r.get("test_log_likelihood_stderr") or 0.0], fmt="o", color=color, label=r["method"], capsize=3,
         )
     if result.get("true_test_log_likelihood") is not None:
-        ax.axhline(result["true_test_log_likelihood"], color="k", ls="--", lw=1, label="true model")
+        true_ll = result["true_test_log_likelihood"]
+        ax.axhline(true_ll, color="k", ls="--", lw=1, label="true model")
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, true_ll), max(hi, true_ll + 0.05 * (max(hi, true_ll) - lo)))
     ax.set_xscale("log")
     ax.set_xlabel("decoder evaluations")
     ax.set_ylabel("mean test log-likelihood")

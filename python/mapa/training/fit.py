@@ -42,6 +42,7 @@ COMMON_OPTIONS = {
     "progress": None,
     "num_threads": None,
     "callback": None,
+    "noise_std_init": None,
 }
 
 
@@ -97,6 +98,7 @@ class FittedModel:
     seed: int
     options: dict = field(default_factory=dict)
     train_data: np.ndarray | None = field(default=None, repr=False)
+    likelihood_model: nn.Module | None = field(default=None, repr=False)
 
     def proposal(self):
         """The importance-sampling proposal used for latent_dim > 2 (None: prior samples)."""
@@ -134,18 +136,13 @@ class FittedModel:
 
     @torch.no_grad()
     def sample(self, n: int, *, seed: int = 0, noise: bool = True) -> np.ndarray:
-        """n draws x ~ p(x) (noise=False: the decoded means / probabilities f(z) only), shape (n, D)."""
+        """n draws x ~ p(x), shape (n, D); ``noise=False`` returns the decoder outputs f(z) only."""
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         gen = torch.Generator().manual_seed(seed)
         z = torch.randn((int(n), self.latent_dim), generator=gen, dtype=param_dtype(self.decoder))
         f = self.decoder(z).double()
-        if self.likelihood == "bernoulli":
-            p = torch.sigmoid(f)
-            return torch.bernoulli(p, generator=gen).numpy() if noise else p.numpy()
-        if noise:
-            f = f + self.noise_std * torch.randn(f.shape, generator=gen, dtype=f.dtype)
-        return f.numpy()
+        return (self.likelihood_model.sample(f, gen) if noise else f).numpy()
 
 
 def _check_seed(seed) -> int:
@@ -195,8 +192,40 @@ def _resolve_options(spec, options: dict) -> tuple[dict, dict]:
         raise TypeError(f"checkpoint must be a file path or None, got {common['checkpoint']!r}")
     if common["callback"] is not None and not callable(common["callback"]):
         raise TypeError(f"callback must be None or a callable(epoch, loss), got {common['callback']!r}")
+    init = common["noise_std_init"]
+    if init is not None and (
+        isinstance(init, bool) or not isinstance(init, numbers.Real) or not (math.isfinite(init) and init > 0)
+    ):
+        raise ValueError(f"noise_std_init must be None or a finite float > 0, got {init!r}")
     common["progress"] = resolve_progress(common["progress"])
     return common, own
+
+
+def _initial_noise_std(X: np.ndarray, requested) -> float:
+    """Starting sigma when it is learned: ``noise_std_init`` if given, else the data's spread.
+
+    The default is sqrt(mean_d Var(X[:, d])), the noise level of a model that
+    explains nothing, so training starts broad and sigma shrinks as the decoder
+    fits. (Starting from a noise estimate below the truth stalls training at a
+    tiny sigma; :func:`mapa.estimate_noise_std` under-estimates by 10-40%,
+    see :mod:`mapa.bandwidth`.)
+    """
+    if requested is not None:
+        return float(requested)
+    spread = float(np.sqrt(X.var(axis=0).mean()))
+    return spread if spread > 0 else 1.0
+
+
+_WARM = False
+
+
+def _warm_up() -> None:
+    """Pay torch's one-time lazy imports (the first optimiser imports torch._dynamo,
+    seconds on a cold start) outside the timed region, so train_seconds compares methods."""
+    global _WARM
+    if not _WARM:
+        torch.optim.Adam([nn.Parameter(torch.zeros(1))])
+        _WARM = True
 
 
 def _thread_count(num_threads) -> int:
@@ -217,6 +246,7 @@ def _fingerprint(spec, X, latent_dim, seed, decoder, noise_std, common, own) -> 
         "decoder": repr(decoder),
         "noise_std": noise_std,
         "likelihood": common["likelihood"],
+        "noise_std_init": common["noise_std_init"],
         "batch_size": int(common["batch_size"]),
         "learning_rate": float(common["learning_rate"]),
         "options": repr(sorted(own.items())),
@@ -232,9 +262,11 @@ def fit(X, *, method="mapa", latent_dim, seed=0, epochs=None, decoder=None, nois
         Training data, finite, at least 2 rows.
     method : {"mapa", "vae", "iwae", "aggressive"}
         ``"mapa"``: fixed MAPA posterior, decoder and code table trained on its
-        statistics (default 60 epochs); ``"vae"``: ELBO (300 epochs);
-        ``"iwae"``: importance-weighted bound (300 epochs); ``"aggressive"``:
-        VAE with aggressive encoder training (300 epochs).
+        statistics (default 60 epochs, batch 64, learning rate 5e-3);
+        ``"vae"``: ELBO; ``"iwae"``: importance-weighted bound;
+        ``"aggressive"``: VAE with aggressive encoder training (each 300
+        epochs, batch 128, learning rate 2e-3). MAPA's default budget is 1/5
+        of the VAE's decoder evaluations (1/50 of IWAE's with K = 10).
     latent_dim : int
         K >= 1.
     seed : int
@@ -248,26 +280,32 @@ def fit(X, *, method="mapa", latent_dim, seed=0, epochs=None, decoder=None, nois
         MLP with two hidden tanh layers of 128 units.
     noise_std : float, optional
         Fixed sigma of the Gaussian likelihood; None (default) learns log sigma,
-        initialised at :func:`mapa.estimate_noise_std` (X).
+        initialised at ``noise_std_init`` (default: the data's spread
+        sqrt(mean_d Var X[:, d]), see :func:`_initial_noise_std`).
     **options
         Common to all methods:
 
-        batch_size : int (default 128 for all methods)
-        learning_rate : float (Adam; default 2e-3)
+        batch_size : int (method default)
+        learning_rate : float (Adam; method default)
+        noise_std_init : float, starting sigma when it is learned
         likelihood : {"gaussian", "bernoulli"} ("bernoulli": X in [0, 1], f gives logits)
         checkpoint : path; saved atomically every ``checkpoint_every`` epochs.
             If the file exists, training resumes from it (same data and settings
             required), giving the same result as an uninterrupted run.
         checkpoint_every : int (default 1)
         progress : None (a bar only when stderr is a terminal), True or False
-        num_threads : int (torch intra-op threads during training; default 1, see below)
+        num_threads : int (torch intra-op threads during training; default 1:
+            the default MLPs are too small to gain from more, and on a loaded
+            2-core machine two threads made each step ~40x slower)
         callback : callable(epoch, loss) called after each epoch
 
         MAPA: ``bandwidth`` (float or rule name; default
         bandwidth_from_noise(noise_std, D) for a known noise_std, else the
-        "nn" rule), ``exclude_self`` (False), ``mapa_objective`` ("targets":
+        "auto" rule of :mod:`mapa.bandwidth`), ``exclude_self`` (False), ``mapa_objective`` ("targets":
         sufficient statistics, default; "topk": direct top-k objective),
-        ``k`` (64, for "topk"), ``code_learning_rate`` (default: learning_rate).
+        ``k`` (64, for "topk"), ``code_learning_rate`` (3e-3), ``code_init``
+        ("pca", default: the N prior draws assigned to points by rank along
+        the principal axes; "prior": assigned at random).
 
         VAE / aggressive: ``num_samples`` (S = 1), ``analytic_kl`` (True);
         aggressive also ``max_inner_steps`` (100), ``mi_batch_size`` (500).
@@ -298,6 +336,7 @@ def fit(X, *, method="mapa", latent_dim, seed=0, epochs=None, decoder=None, nois
     if decoder is not None:
         check_decoder(decoder, latent_dim, D)
     threads = _thread_count(common["num_threads"])
+    _warm_up()
 
     start = time.perf_counter()
     saved_threads = torch.get_num_threads()
@@ -308,7 +347,7 @@ def fit(X, *, method="mapa", latent_dim, seed=0, epochs=None, decoder=None, nois
             net = default_decoder(latent_dim, D) if decoder is None else copy.deepcopy(decoder)
             dtype = param_dtype(net)
             if likelihood_name == "gaussian":
-                init_std = estimate_noise_std(X) if noise_std is None else noise_std
+                init_std = _initial_noise_std(X, common["noise_std_init"]) if noise_std is None else noise_std
                 likelihood = GaussianLikelihood(init_std, learn=noise_std is None).to(dtype)
             else:
                 likelihood = BernoulliLikelihood()
@@ -386,4 +425,5 @@ def fit(X, *, method="mapa", latent_dim, seed=0, epochs=None, decoder=None, nois
         seed=seed,
         options={**{k: v for k, v in common.items() if k != "callback"}, **own},
         train_data=X if hasattr(model, "codes") else None,
+        likelihood_model=model.likelihood,
     )

@@ -181,7 +181,7 @@ def encoder_proposal(encoder: nn.Module):
 
 
 def code_table_proposal(codes, X_train, bandwidth: float, *, k: int = 16, prior_weight: float = 0.1,
-                        min_scale: float = 0.05):
+                        min_scale: float = 0.25):
     """MAPA's proposal: a Gaussian mixture on the codes of each point's top-k MAPA posterior entries.
 
     For a point x, with q the MAPA posterior of x over the training points

@@ -114,7 +114,7 @@ def _mapa_bandwidth(setup: Setup, requested) -> float:
     """The bandwidth h: as given, a rule's value, or bandwidth_from_noise(noise_std, D) for a known sigma."""
     D = setup.X.shape[1]
     if requested is None:
-        requested = "nn" if setup.noise_std is None else bandwidth_from_noise(setup.noise_std, D)
+        requested = "auto" if setup.noise_std is None else bandwidth_from_noise(setup.noise_std, D)
     if isinstance(requested, str):
         return select_bandwidth(setup.X, rule=requested)
     return float(requested)
@@ -184,7 +184,7 @@ def _build_mapa(setup: Setup, opts: dict, restored: dict | None) -> Method:
         info = dict(restored["info"])
     codes = _CODE_INITS[opts["code_init"]](setup)
     model = CodeTableModel(setup.decoder, setup.likelihood, codes)
-    code_lr = opts["code_learning_rate"] or setup.learning_rate
+    code_lr = opts["code_learning_rate"]
     update = JointUpdate(
         model,
         objective,
@@ -264,15 +264,15 @@ METHODS: dict[str, MethodSpec] = {
         "mapa",
         "MAPA: fixed model-agnostic posterior, decoder and code table trained on its statistics",
         epochs=60,
-        batch_size=128,
-        learning_rate=2e-3,
+        batch_size=64,
+        learning_rate=5e-3,
         options={
             "bandwidth": (None, _bandwidth),
             "exclude_self": (False, _boolean),
             "mapa_objective": ("targets", _choice(*_MAPA_OBJECTIVES)),
             "k": (64, _positive_int),
-            "code_learning_rate": (None, _optional(_positive_float)),
-            "code_init": ("prior", _choice(*_CODE_INITS)),
+            "code_learning_rate": (3e-3, _positive_float),
+            "code_init": ("pca", _choice(*_CODE_INITS)),
         },
         build=_build_mapa,
     ),

@@ -118,6 +118,10 @@ class GaussianLikelihood(nn.Module):
             -2.0 * log_sigma
         )
 
+    def sample(self, f: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Draws x ~ N(f, sigma^2 I)."""
+        return f + self.noise_std * torch.randn(f.shape, generator=generator, dtype=f.dtype)
+
     def expected_log_prob(self, weights, means, residuals, f):
         """sum_n q(i|n) log p(x_n | f_i) from the sufficient statistics of q (MAPA.md section 3).
 
@@ -145,6 +149,10 @@ class BernoulliLikelihood(nn.Module):
     def log_prob(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """sum_d x_d log sigmoid(f_d) + (1 - x_d) log sigmoid(-f_d) (x may be fractional)."""
         return (x * nn.functional.logsigmoid(f) + (1.0 - x) * nn.functional.logsigmoid(-f)).sum(-1)
+
+    def sample(self, f: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Draws x ~ Bernoulli(sigmoid(f))."""
+        return torch.bernoulli(torch.sigmoid(f), generator=generator)
 
     def expected_log_prob(self, weights, means, residuals, f):
         """sum_n q(i|n) log p(x_n | f_i) = W_i log p(m_i | f_i): the log-likelihood is linear in x."""
