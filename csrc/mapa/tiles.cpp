@@ -73,15 +73,19 @@ void logits_direct(const double* xt, index_t ld, index_t d, const double* y, ind
 MAPA_CLONES
 void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t d, const double* y,
                    const double* ynorm, index_t rows, double scale, double* out) {
+    // A 16-column panel of the tile (d x 16 doubles) is reused by every block
+    // of four rows before moving on, so it is read from L1, not L2; each
+    // block keeps its 4 x 16 dot products in eight vector registers.
     constexpr index_t kBlockRows = 4;
-    for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
-        const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
-        // Rows past the end repeat the last row; their results are not stored.
-        const double* y0 = y + r0 * d;
-        const double* y1 = y + (r0 + (nr > 1 ? 1 : 0)) * d;
-        const double* y2 = y + (r0 + (nr > 2 ? 2 : nr - 1)) * d;
-        const double* y3 = y + (r0 + (nr > 3 ? 3 : nr - 1)) * d;
-        for (index_t j0 = 0; j0 < ld; j0 += 16) {
+    for (index_t j0 = 0; j0 < ld; j0 += 16) {
+        const v8d xn0 = load8(xnorm + j0), xn1 = load8(xnorm + j0 + 8);
+        for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+            const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
+            // Rows past the end repeat the last row; their results are not stored.
+            const double* y0 = y + r0 * d;
+            const double* y1 = y + (r0 + (nr > 1 ? 1 : 0)) * d;
+            const double* y2 = y + (r0 + (nr > 2 ? 2 : nr - 1)) * d;
+            const double* y3 = y + (r0 + (nr > 3 ? 3 : nr - 1)) * d;
             v8d a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
             const double* xk = xt + j0;
             for (index_t k = 0; k < d; ++k, xk += ld) {
@@ -95,7 +99,6 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t d,
                 a30 += y3[k] * x0;
                 a31 += y3[k] * x1;
             }
-            const v8d xn0 = load8(xnorm + j0), xn1 = load8(xnorm + j0 + 8);
             const v8d acc[kBlockRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
             for (index_t r = 0; r < nr; ++r) {
                 double* o = out + (r0 + r) * ld + j0;
