@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 import mapa
+from mapa._validation import available_memory_bytes
 
 FUNCTIONS = ("log_normalizer", "log_posterior_topk", "posterior_targets", "log_posterior")
 # short names used in pytest ids: each is a unique substring for -k
@@ -80,15 +81,6 @@ def dense_bytes(N: int, itemsize: int = 4) -> int:
     return N * N * itemsize
 
 
-def available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 # ---------------------------------------------------------------- calls
