@@ -57,7 +57,9 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads) {
         for (auto& c : p.center) c /= static_cast<double>(n);
     }
     const double* c = p.shift();
-#pragma omp parallel for num_threads(threads) schedule(static)
+    // Packing is O(n d): not worth waking threads for small inputs.
+    const int pack_threads = n * d >= (1 << 20) ? threads : 1;
+#pragma omp parallel for num_threads(pack_threads) schedule(dynamic, 16)
     for (index_t t = 0; t < p.ntiles; ++t) {
         double* dst = p.data.data() + t * d * p.ld;
         const index_t len = p.len(t);
