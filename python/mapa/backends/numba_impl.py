@@ -31,8 +31,8 @@ can differ only where two distinct distances round to the same float64 logit.
 
 Parallelism: ``prange`` over blocks of query rows (``targets``: blocks of
 references, so each thread owns its output rows). Large problems are cut into
-up to 16 chunks of rows, between which ``progress`` is called and Ctrl-C is
-seen. Compiled signatures: the row kernel for a float64 and a float32 dense
+chunks of rows of bounded work (about 0.1 s each), between which ``progress``
+is called and Ctrl-C is seen. Compiled signatures: the row kernel for a float64 and a float32 dense
 output, and the targets kernel (all cached on disk).
 """
 
@@ -69,8 +69,7 @@ _C0 = 1.0
 _INF_BITS = 0x7FF0000000000000  # bit pattern of +inf as int64
 
 _QUERY_BLOCK = 32  # query rows per parallel task (upper bound)
-_MAX_CHUNKS = 16
-_CHUNK_WORK = 1 << 29  # pairs * (8 + D) per chunk before splitting further
+_CHUNK_WORK = 1 << 29  # pairs * (8 + D) per chunk: ~0.1 s, so Ctrl-C is seen quickly
 
 
 # --------------------------------------------------------------------------
@@ -481,7 +480,7 @@ def _query_block(rows: int, threads: int) -> int:
 
 
 def _chunks(rows: int, N: int, D: int, threads: int):
-    n = min(_MAX_CHUNKS, max(1, rows * N * (8 + D) // _CHUNK_WORK))
+    n = max(1, rows * N * (8 + D) // _CHUNK_WORK)
     n = max(1, min(n, rows // max(1, 4 * threads)))
     bounds = np.linspace(0, rows, n + 1).astype(np.int64)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
