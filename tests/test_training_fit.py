@@ -1,6 +1,5 @@
 """mapa.fit: validation, counting, reproducibility, checkpoints, divergence, results."""
 
-import os
 
 import numpy as np
 import pytest

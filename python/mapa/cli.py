@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from ._io import atomic_open
 
 __all__ = ["main", "DEMO_DATASET", "DEMO_EPOCHS"]
 
@@ -137,17 +137,9 @@ def _jsonable(obj):
 def write_json(path, data) -> Path:
     """Write ``data`` as JSON atomically (NaN and inf become null)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_jsonable(data), fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as fh:
+        json.dump(_jsonable(data), fh, indent=2, allow_nan=False)
+        fh.write("\n")
     return path
 
 

@@ -18,12 +18,12 @@ without touching pyplot's global state, and every file is written atomically
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from ._io import atomic_open
 
 __all__ = [
     "save_figure",
@@ -51,16 +51,8 @@ def save_figure(fig, path) -> Path:
     The format follows the suffix (PNG by default); parent directories are created.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix or ".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=(path.suffix.lstrip(".") or "png"), dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format=(path.suffix.lstrip(".") or "png"), dpi=110)
     return path
 
 

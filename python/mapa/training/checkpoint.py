@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from .._io import atomic_open
+
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "check_fingerprint"]
 
 FORMAT = 1
@@ -22,19 +24,8 @@ FORMAT = 1
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     """Write ``payload`` to ``path`` atomically (temporary file + :func:`os.replace`)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save({"format": FORMAT, **payload}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "wb") as fh:
+        torch.save({"format": FORMAT, **payload}, fh)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict | None:

@@ -9,13 +9,11 @@ import numbers
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..bandwidth import estimate_noise_std
 from ._checks import (
     check_data,
     check_decoder,
