@@ -9,8 +9,10 @@ after every cell) it writes
 * ``benchmarks/results/bench_training.json`` - every cell and the summary;
 * ``benchmarks/results/bench_training.md``   - per data set and method: mean
   test log-likelihood +- standard error over seeds, decoder and encoder
-  evaluations, training seconds; the true model's test log-likelihood; and
-  MAPA's posterior TV next to the uniform and self-only references.
+  evaluations, training seconds; the true model's test log-likelihood; per
+  data set whether MAPA meets its target against each baseline (PASS/FAIL,
+  see :func:`_verdict`); and MAPA's posterior TV next to the uniform and
+  self-only references.
 
 Usage::
 
@@ -61,6 +63,40 @@ def _mean_se(values):
     return float(v.mean()), se
 
 
+#: MAPA's target: at most this share of a baseline's decoder evaluations
+BUDGET_SHARE = 0.2
+
+
+def _verdict(cells: list[dict], methods: dict) -> dict | None:
+    """Does MAPA meet the target against every baseline on this data set?
+
+    Per baseline B: the test log-likelihood difference MAPA - B, paired by seed
+    (both fitted on the same sample), its mean and standard error over seeds;
+    ``ll_ok`` when the mean is >= -1 standard error. ``evals_ok`` when MAPA's
+    decoder evaluations are at most :data:`BUDGET_SHARE` of B's, ``time_ok``
+    when its mean training seconds are below B's. PASS needs all three
+    against every baseline.
+    """
+    if "mapa" not in methods:
+        return None
+    out = {}
+    for b in methods:
+        if b == "mapa":
+            continue
+        diffs = []
+        for c in cells:
+            ll = {r["method"]: r["test_log_likelihood"] for r in c["results"]}
+            if "mapa" in ll and b in ll:
+                diffs.append(ll["mapa"] - ll[b])
+        d, se = _mean_se(diffs)
+        ll_ok = d is not None and d >= -(se or 0.0)
+        evals_ok = methods["mapa"]["decoder_evaluations"] <= BUDGET_SHARE * methods[b]["decoder_evaluations"]
+        time_ok = methods["mapa"]["train_seconds"] < methods[b]["train_seconds"]
+        out[b] = {"diff": d, "diff_se": se, "ll_ok": ll_ok, "evals_ok": evals_ok, "time_ok": time_ok}
+    out["pass"] = all(v["ll_ok"] and v["evals_ok"] and v["time_ok"] for v in out.values())
+    return out
+
+
 def summarise(cells: list[dict]) -> dict:
     """Per data set: per method means over seeds, the true model, posterior TV."""
     out: dict = {}
@@ -82,6 +118,7 @@ def summarise(cells: list[dict]) -> dict:
         entry["true_test_log_likelihood"], entry["true_test_log_likelihood_se"] = _mean_se(
             [c.get("true_test_log_likelihood") for c in mine]
         )
+        entry["verdict"] = _verdict(mine, entry["methods"])
         tvs = [c["posterior_tv"] for c in mine if c.get("posterior_tv")]
         if tvs:
             entry["posterior_tv"] = {k: _mean_se([t[k] for t in tvs])[0] for k in
@@ -116,6 +153,27 @@ def render_markdown(summary: dict, settings: dict) -> str:
             f"| {ds} | true model | {_f(entry['true_test_log_likelihood'], '.3f')} | "
             f"{_f(entry['true_test_log_likelihood_se'], '.3f')} | - | - | - | {len(entry['seeds'])} |"
         )
+    lines += [
+        "",
+        "Target: MAPA's test log-likelihood at least each baseline's within one standard error (difference",
+        f"MAPA - baseline paired by seed, mean +- s.e.), with at most {BUDGET_SHARE:g} of its decoder evaluations",
+        "and less training time:",
+        "",
+        "| data set | baseline | MAPA - baseline | +- s.e. | log-lik. | evals <= 1/5 | less time | verdict |",
+        "| --- | --- | ---: | ---: | :---: | :---: | :---: | :---: |",
+    ]
+    yes = {True: "yes", False: "NO"}
+    for ds, entry in summary.items():
+        v = entry.get("verdict")
+        if not v:
+            continue
+        for b, r in v.items():
+            if b == "pass":
+                continue
+            lines.append(
+                f"| {ds} | {b} | {_f(r['diff'], '+.3f')} | {_f(r['diff_se'], '.3f')} | {yes[r['ll_ok']]} | "
+                f"{yes[r['evals_ok']]} | {yes[r['time_ok']]} | {'PASS' if v['pass'] else 'FAIL'} |"
+            )
     lines += [
         "",
         "Posterior TV to the exact empiricalized posterior (mean over points and seeds; 0 = exact):",

@@ -252,6 +252,8 @@ def test_nan_loss_raises_with_epoch_and_step(method, X):
         ({"progress": "yes"}, TypeError, "progress"),
         ({"checkpoint": 3}, TypeError, "checkpoint"),
         ({"noise_std_init": -1.0}, ValueError, "noise_std_init"),
+        ({"code_init": "kmeans"}, ValueError, "code_init must be one of"),
+        ({"lr_decay": 0.0}, ValueError, "lr_decay"),
     ],
 )
 def test_bad_input_is_reported_before_training(kwargs, error, match, X):

@@ -260,7 +260,8 @@ def fit(X, *, method="mapa", latent_dim, seed=0, epochs=None, decoder=None, nois
         Training data, finite, at least 2 rows.
     method : {"mapa", "vae", "iwae", "aggressive"}
         ``"mapa"``: fixed MAPA posterior, decoder and code table trained on its
-        statistics (default 60 epochs, batch 64, learning rate 5e-3);
+        statistics (default 60 epochs, batch 32, learning rate 1e-2 decayed
+        by 0.95 per epoch);
         ``"vae"``: ELBO; ``"iwae"``: importance-weighted bound;
         ``"aggressive"``: VAE with aggressive encoder training (each 300
         epochs, batch 128, learning rate 2e-3). MAPA's default budget is 1/5
@@ -301,9 +302,15 @@ def fit(X, *, method="mapa", latent_dim, seed=0, epochs=None, decoder=None, nois
         bandwidth_from_noise(noise_std, D) for a known noise_std, else the
         "auto" rule of :mod:`mapa.bandwidth`), ``exclude_self`` (False), ``mapa_objective`` ("targets":
         sufficient statistics, default; "topk": direct top-k objective),
-        ``k`` (64, for "topk"), ``code_learning_rate`` (3e-3), ``code_init``
-        ("pca", default: the N prior draws assigned to points by rank along
-        the principal axes; "prior": assigned at random).
+        ``k`` (64, for "topk"), ``code_learning_rate`` (3e-3), ``lr_decay``
+        (0.95: both learning rates are multiplied by it after every epoch;
+        1 keeps them constant), ``code_init`` (how N prior draws are assigned
+        to the points: "spectral", by rank along the diffusion coordinates of
+        q, see :func:`mapa.training.methods.spectral_embedding`; "pca", by
+        rank along the principal axes; "auto" (default), whichever of the two
+        has the smaller :func:`mapa.training.methods.code_roughness`;
+        "prior", at random). Codes receive one update per epoch, so where
+        they start matters.
 
         VAE / aggressive: ``num_samples`` (S = 1), ``analytic_kl`` (True);
         aggressive also ``max_inner_steps`` (100), ``mi_batch_size`` (500).

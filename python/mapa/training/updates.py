@@ -29,12 +29,17 @@ class JointUpdate:
     model : nn.Module
     objective : callable ``(model, idx, rng) -> loss``
     param_groups : list of dicts for :class:`torch.optim.Adam`
+    lr_decay : float, default 1.0
+        Every learning rate is multiplied by this after each epoch (1: constant).
+        The schedule depends on the epoch count alone, so a run resumed from a
+        checkpoint continues it exactly, and longer runs extend it.
     """
 
-    def __init__(self, model, objective, param_groups):
+    def __init__(self, model, objective, param_groups, lr_decay: float = 1.0):
         self.model = model
         self.objective = objective
         self.optimizer = torch.optim.Adam(param_groups)
+        self.lr_decay = float(lr_decay)
 
     def step(self, idx: torch.Tensor, ctx) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -45,6 +50,9 @@ class JointUpdate:
         return value
 
     def end_epoch(self, ctx) -> dict:
+        if self.lr_decay != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.lr_decay
         return {}
 
     def state_dict(self) -> dict:
