@@ -27,6 +27,18 @@ typedef double v8d __attribute__((vector_size(64)));
 }
 [[gnu::always_inline]] static inline void store8(double* p, v8d v) { std::memcpy(p, &v, sizeof v); }
 
+// Pointers to rows r0 .. r0 + 3 of y (row length d) for a four-row block of
+// which nr >= 1 rows exist; missing rows repeat the last one, and their
+// results are not stored.
+[[gnu::always_inline]] static inline void four_rows(const double* y, index_t d, index_t r0, index_t nr,
+                                                    const double*& y0, const double*& y1,
+                                                    const double*& y2, const double*& y3) {
+    y0 = y + r0 * d;
+    y1 = y + (r0 + (nr > 1 ? 1 : 0)) * d;
+    y2 = y + (r0 + (nr > 2 ? 2 : nr - 1)) * d;
+    y3 = y + (r0 + (nr > 3 ? 3 : nr - 1)) * d;
+}
+
 MAPA_CLONES
 void logits_direct(const double* xt, index_t ld, index_t d, const double* y, index_t rows,
                    double scale, double* out) {
@@ -35,10 +47,8 @@ void logits_direct(const double* xt, index_t ld, index_t d, const double* y, ind
     constexpr index_t kBlockRows = 4;
     for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
         const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
-        const double* y0 = y + r0 * d;
-        const double* y1 = y + (r0 + (nr > 1 ? 1 : 0)) * d;
-        const double* y2 = y + (r0 + (nr > 2 ? 2 : nr - 1)) * d;
-        const double* y3 = y + (r0 + (nr > 3 ? 3 : nr - 1)) * d;
+        const double *y0, *y1, *y2, *y3;
+        four_rows(y, d, r0, nr, y0, y1, y2, y3);
         for (index_t j0 = 0; j0 < ld; j0 += 16) {
             v8d a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
             const double* xk = xt + j0;
@@ -81,11 +91,8 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t d,
         const v8d xn0 = load8(xnorm + j0), xn1 = load8(xnorm + j0 + 8);
         for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
             const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
-            // Rows past the end repeat the last row; their results are not stored.
-            const double* y0 = y + r0 * d;
-            const double* y1 = y + (r0 + (nr > 1 ? 1 : 0)) * d;
-            const double* y2 = y + (r0 + (nr > 2 ? 2 : nr - 1)) * d;
-            const double* y3 = y + (r0 + (nr > 3 ? 3 : nr - 1)) * d;
+            const double *y0, *y1, *y2, *y3;
+            four_rows(y, d, r0, nr, y0, y1, y2, y3);
             v8d a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
             const double* xk = xt + j0;
             for (index_t k = 0; k < d; ++k, xk += ld) {

@@ -205,11 +205,14 @@ def _dense_fits(max_bytes: int | None):
     return check
 
 
-def _topk_fits(k):
-    """Check k and the size of the top-k output from the shapes alone."""
+def _topk_fits(k, exclude_self):
+    """Check k and the size of the top-k output from the shapes alone.
+
+    Runs after ``prepare`` has checked that ``exclude_self`` is a bool.
+    """
 
     def check(n_refs: int, n_queries: int, dtype: np.dtype) -> None:
-        check_k(k, n_refs, False)
+        check_k(k, n_refs, bool(exclude_self))
         need = n_queries * int(k) * (8 + dtype.itemsize)
         if need > available_memory_bytes() // 2:
             raise ValueError(
@@ -285,8 +288,8 @@ def log_posterior_topk(
         descending, ``log_norm`` (n_queries,) over all references, and
         ``kept_mass`` (n_queries,) = sum of the kept probabilities.
     """
-    p = _args(X, queries, bandwidth, exclude_self, block_size, num_threads, _topk_fits(k))
-    k = check_k(k, p.n_refs, p.exclude_self)
+    p = _args(X, queries, bandwidth, exclude_self, block_size, num_threads, _topk_fits(k, exclude_self))
+    k = int(k)  # checked by _topk_fits
     idx, logp, lnorm = _run(
         "log_posterior_topk",
         p,
