@@ -114,6 +114,29 @@ def test_duplicate_points_split_mass_and_ties_by_index(backend):
     np.testing.assert_allclose(top.log_prob[[0, 2, 3]], -math.log(2.0), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("block_size", [32, 1024])
+def test_topk_cut_through_ties_across_blocks(backend, dtype, exclude_self, block_size):
+    # 600 points on a 3 x 3 integer grid: about 67 exact copies of each, so the
+    # logits take a handful of exactly representable values (h = 1), and the
+    # k-th place falls inside a group of ties spread over many 16-column blocks
+    # and tiles. The k best must be the largest values, ties lowest index first.
+    rng = np.random.default_rng(7)
+    X = rng.integers(0, 3, size=(600, 2)).astype(dtype)
+    k = 100
+    top = mapa.log_posterior_topk(X, bandwidth=1.0, k=k, exclude_self=exclude_self, block_size=block_size,
+                                  backend=backend)
+    X64 = X.astype(np.float64)
+    logits = -((X64[:, None, :] - X64[None, :, :]) ** 2).sum(-1) / 2.0
+    if exclude_self:
+        np.fill_diagonal(logits, -np.inf)
+    cols = np.arange(len(X))
+    for r in range(0, len(X), 37):
+        expected = np.lexsort((cols, -logits[r]))[:k]  # by value descending, then index
+        np.testing.assert_array_equal(top.indices[r], expected)
+
+
 # ------------------------------------------------------------ general reference
 
 

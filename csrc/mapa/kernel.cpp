@@ -20,6 +20,7 @@ namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 constexpr index_t kRows = 16;  // query rows per unit of parallel work
+static_assert(kRows <= kTargetRows, "targets take a whole row block at once");
 
 // References cut into feature-major tiles of `tb` points (see tiles.hpp).
 struct PackedRefs {
@@ -79,8 +80,8 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads) {
 
 // Query rows [r0, r0 + rows) as doubles, with their squared norms.
 struct RowBlock {
-    std::vector<double> y, ynorm, logits;
-    RowBlock(index_t d, index_t ld) : y(kRows * d), ynorm(kRows), logits(kRows * ld) {}
+    std::vector<double> y, ynorm, logits, tmax;
+    RowBlock(index_t d, index_t ld) : y(kRows * d), ynorm(kRows), logits(kRows * ld), tmax(kRows) {}
 
     // `shift` (or nullptr) is subtracted from every row, as in PackedRefs.
     template <class T>
@@ -97,21 +98,41 @@ struct RowBlock {
     }
 };
 
-// Logits of the loaded rows against tile t, self terms set to -inf.
+// Logits of the loaded rows against tile t, self terms set to -inf, and
+// each row's maximum over the tile in b.tmax.
 void tile_logits(const PackedRefs& p, RowBlock& b, index_t r0, index_t rows, index_t t, double scale,
                  bool exclude_self) {
+    const index_t len = p.len(t);
     if (p.expand) {
-        logits_expand(p.tile(t), p.norm(t), p.ld, p.d, b.y.data(), b.ynorm.data(), rows, scale,
+        logits_expand(p.tile(t), p.norm(t), p.ld, p.ld, p.d, b.y.data(), b.ynorm.data(), rows, scale,
                       b.logits.data());
+        for (index_t r = 0; r < rows; ++r) b.tmax[r] = tile_max(b.logits.data() + r * p.ld, len);
     } else {
-        logits_direct(p.tile(t), p.ld, p.d, b.y.data(), rows, scale, b.logits.data());
+        logits_direct(p.tile(t), p.ld, p.ld, p.d, b.y.data(), rows, scale, b.logits.data(), len,
+                      b.tmax.data());
     }
     if (exclude_self) {
-        const index_t c0 = t * p.tb, c1 = c0 + p.len(t);
+        const index_t c0 = t * p.tb, c1 = c0 + len;
         for (index_t r = 0; r < rows; ++r) {
             const index_t g = r0 + r;
-            if (g >= c0 && g < c1) b.logits[r * p.ld + (g - c0)] = kNegInf;
+            if (g < c0 || g >= c1) continue;
+            double* row = b.logits.data() + r * p.ld;
+            row[g - c0] = kNegInf;
+            b.tmax[r] = tile_max(row, len);
         }
+    }
+}
+
+// Logits of loaded row r against the 16 columns [c0, c0 + 16) of tile t, into
+// out[0, 16), by the same leaf (and so the same values) as tile_logits; self
+// terms are left to the caller.
+void block_logits(const PackedRefs& p, const RowBlock& b, index_t r, index_t t, index_t c0,
+                  double scale, double* out) {
+    if (p.expand) {
+        logits_expand(p.tile(t) + c0, p.norm(t) + c0, p.ld, 16, p.d, b.y.data() + r * p.d,
+                      b.ynorm.data() + r, 1, scale, out);
+    } else {
+        logits_direct(p.tile(t) + c0, p.ld, 16, p.d, b.y.data() + r * p.d, 1, scale, out);
     }
 }
 
@@ -122,8 +143,8 @@ struct Lse {
     double max = kNegInf;
     double sum = 0.0;
 
-    void update(const double* v, index_t len) {
-        const double tm = tile_max(v, len);
+    // Fold in one tile of logits whose maximum is `tm`.
+    void update(const double* v, index_t len, double tm) {
         if (tm == kNegInf) return;
         if (tm > max) {
             sum *= std::exp(max - tm);
@@ -205,7 +226,8 @@ void normalizer_into(const Args& a, const PackedRefs& p, Out* out, Control& ctl)
     over_query_blocks<T, NormState<T>>(
         a, p, ctl, [&] { return NormState<T>(a.d, p.ld); },
         [&](NormState<T>& s, index_t, index_t rows, index_t t) {
-            for (index_t r = 0; r < rows; ++r) s.lse[r].update(s.block.logits.data() + r * p.ld, p.len(t));
+            for (index_t r = 0; r < rows; ++r)
+                s.lse[r].update(s.block.logits.data() + r * p.ld, p.len(t), s.block.tmax[r]);
         },
         [&](NormState<T>& s, index_t r0, index_t rows) {
             for (index_t r = 0; r < rows; ++r) out[r0 + r] = static_cast<Out>(s.lse[r].value());
@@ -251,7 +273,7 @@ void log_posterior(const Args& a, T* out, Control& ctl) {
         [&](DenseState<T>& s, index_t r0, index_t rows, index_t t) {
             for (index_t r = 0; r < rows; ++r) {
                 const double* v = s.block.logits.data() + r * p.ld;
-                s.lse[r].update(v, p.len(t));
+                s.lse[r].update(v, p.len(t), s.block.tmax[r]);
                 const double sh = s.lse[r].max == kNegInf ? 0.0 : s.lse[r].max;
                 s.shift[r * p.ntiles + t] = sh;
                 store_shifted(v, p.len(t), sh, out + (r0 + r) * a.n + t * p.tb);
@@ -271,10 +293,11 @@ namespace {
 template <class T>
 struct TopKState : NormState<T> {
     std::vector<TopK> heaps;  // the k best entries of each row
-    std::vector<TopK> bound;  // the k best 16-column block maxima of each row
-    std::vector<double> maxima;
+    std::vector<TopK> bound;  // the k best 16-column blocks of each row, by their maxima
+    std::vector<double> maxima, cand;
     TopKState(index_t d, index_t ld, index_t k)
-        : NormState<T>(d, ld), heaps(kRows, TopK(k)), bound(kRows, TopK(k)), maxima(ld / 16 + 1) {}
+        : NormState<T>(d, ld), heaps(kRows, TopK(k, 16)), bound(kRows, TopK(k, ld / 16 + 1)), maxima(ld / 16 + 1),
+          cand(16) {}
     void reset(index_t rows) {
         NormState<T>::reset(rows);
         for (auto& h : heaps) h.reset();
@@ -287,43 +310,47 @@ template <class T>
 void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, Control& ctl) {
     ctl.set_total(a.m * a.n);
     const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads);
-    // With cheap distances (direct path), two passes: the first streams the
-    // normaliser and keeps the k best maxima of 16-column blocks; the k-th of
-    // those is a lower bound on the k-th best entry, so the second pass over
-    // recomputed logits buffers only a few candidates beyond the k kept.
-    // With expensive distances (expansion path), one pass, unseeded.
-    const bool two_pass = !p.expand;
+    // One pass over the references streams the normaliser and keeps, per row,
+    // the k 16-column blocks with the largest maxima. The k best entries all
+    // lie in those blocks: the k-th largest block maximum L is a lower bound
+    // on the k-th best entry (k distinct blocks reach it), every entry at or
+    // above L sits in a block whose maximum is >= L, and among blocks tied at
+    // L the kept ones come first in column order, as do their tied entries.
+    // So only those <= k blocks are recomputed, with the same leaf and hence
+    // bit for bit the same values, and searched for the k best.
+    const index_t per_tile = p.ld / 16;  // block ids: t * per_tile + column / 16
     over_query_blocks<T, TopKState<T>>(
         a, p, ctl, [&] { return TopKState<T>(a.d, p.ld, k); },
         [&](TopKState<T>& s, index_t, index_t rows, index_t t) {
             for (index_t r = 0; r < rows; ++r) {
                 const double* v = s.block.logits.data() + r * p.ld;
-                s.lse[r].update(v, p.len(t));
-                if (two_pass) {
-                    const index_t nb = block_max16(v, p.len(t), s.maxima.data());
-                    s.bound[r].offer_values(s.maxima.data(), nb);
-                } else {
-                    s.heaps[r].offer(v, p.len(t), t * p.tb);
-                }
+                const index_t nb = block_max16(v, p.len(t), s.maxima.data());
+                s.lse[r].update(v, p.len(t), s.block.tmax[r]);
+                s.bound[r].offer(s.maxima.data(), nb, t * per_tile);
             }
         },
         [&](TopKState<T>& s, index_t r0, index_t rows) {
-            if (two_pass) {
-                for (index_t r = 0; r < rows; ++r) s.heaps[r].seed(s.bound[r].kth_value());
-                for (index_t t = 0; t < p.ntiles; ++t) {
-                    tile_logits(p, s.block, r0, rows, t, a.scale, a.exclude_self);
-                    for (index_t r = 0; r < rows; ++r)
-                        s.heaps[r].offer(s.block.logits.data() + r * p.ld, p.len(t), t * p.tb);
-                }
-            }
             for (index_t r = 0; r < rows; ++r) {
+                const index_t g = r0 + r;
+                TopK& best = s.heaps[r];
+                best.seed(s.bound[r].kth_value());
+                const std::size_t nb = s.bound[r].keep_best();
+                for (std::size_t i = 0; i < nb; ++i) {
+                    const index_t id = s.bound[r].index(i);
+                    const index_t t = id / per_tile, c0 = (id % per_tile) * 16;
+                    const index_t len = std::min<index_t>(16, p.len(t) - c0);
+                    block_logits(p, s.block, r, t, c0, a.scale, s.cand.data());
+                    const index_t self = g - t * p.tb - c0;
+                    if (a.exclude_self && self >= 0 && self < len) s.cand[self] = kNegInf;
+                    best.offer(s.cand.data(), len, t * p.tb + c0);
+                }
                 const double ln = s.lse[r].value();
-                log_norm[r0 + r] = static_cast<T>(ln);
-                const auto& best = s.heaps[r].sorted();
+                log_norm[g] = static_cast<T>(ln);
+                const auto& sorted = best.sorted();
                 for (index_t j = 0; j < k; ++j) {
-                    const auto& e = best[static_cast<std::size_t>(j)];
-                    indices[(r0 + r) * k + j] = e.second;
-                    log_prob[(r0 + r) * k + j] = static_cast<T>(e.first - ln);
+                    const auto& e = sorted[static_cast<std::size_t>(j)];
+                    indices[g * k + j] = e.second;
+                    log_prob[g * k + j] = static_cast<T>(e.first - ln);
                 }
             }
         });
@@ -358,10 +385,8 @@ void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
                 const index_t rows = std::min(kRows, n - r0);
                 s.block.load(x, r0, rows, d, p.shift());
                 tile_logits(p, s.block, r0, rows, t, a.scale, a.exclude_self);
-                for (index_t r = 0; r < rows; ++r)
-                    accumulate_targets(s.block.logits.data() + r * p.ld, p.ld, lnorm[r0 + r],
-                                       s.block.y.data() + r * d, d, s.block.ynorm[r], s.w.data(),
-                                       s.s1t.data(), s.s2.data(), T{});
+                accumulate_targets(s.block.logits.data(), p.ld, lnorm.data() + r0, s.block.y.data(),
+                                   s.block.ynorm.data(), rows, d, s.w.data(), s.s1t.data(), s.s2.data(), T{});
             }
             // Back from shifted coordinates (x = x~ + c) when the tile was shifted.
             const index_t c0 = t * p.tb, len = p.len(t);

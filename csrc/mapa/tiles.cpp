@@ -6,6 +6,10 @@
 
 #include "exp.hpp"
 
+// v8d values passed between always-inline helpers never cross a real call,
+// so the note that their ABI differs between clones does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MAPA_NO_CLONES)
 #define MAPA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define MAPA_HAVE_CLONES 1
@@ -40,16 +44,20 @@ typedef double v8d __attribute__((vector_size(64)));
 }
 
 MAPA_CLONES
-void logits_direct(const double* xt, index_t ld, index_t d, const double* y, index_t rows,
-                   double scale, double* out) {
+void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const double* y,
+                   index_t rows, double scale, double* out, index_t len, double* row_max) {
     static_assert(kTileAlign % 16 == 0, "two vectors per column block");
+    constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+    const v8d lane = {0, 1, 2, 3, 4, 5, 6, 7};
     // Four rows at a time share each loaded column vector.
     constexpr index_t kBlockRows = 4;
     for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
         const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
         const double *y0, *y1, *y2, *y3;
         four_rows(y, d, r0, nr, y0, y1, y2, y3);
-        for (index_t j0 = 0; j0 < ld; j0 += 16) {
+        v8d top[kBlockRows];  // running maxima of the rows, over columns < len
+        for (auto& m : top) m = v8d{} + kNegInf;
+        for (index_t j0 = 0; j0 < cols; j0 += 16) {
             v8d a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
             const double* xk = xt + j0;
             for (index_t k = 0; k < d; ++k, xk += ld) {
@@ -72,22 +80,35 @@ void logits_direct(const double* xt, index_t ld, index_t d, const double* y, ind
             }
             const v8d acc[kBlockRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
             for (index_t r = 0; r < nr; ++r) {
-                double* o = out + (r0 + r) * ld + j0;
-                store8(o, acc[r][0] * -scale);
-                store8(o + 8, acc[r][1] * -scale);
+                double* o = out + (r0 + r) * cols + j0;
+                v8d v0 = acc[r][0] * -scale, v1 = acc[r][1] * -scale;
+                store8(o, v0);
+                store8(o + 8, v1);
+                if (!row_max) continue;
+                if (j0 + 16 > len) {  // padding columns do not count
+                    v0 = lane + static_cast<double>(j0) < static_cast<double>(len) ? v0 : kNegInf;
+                    v1 = lane + static_cast<double>(j0 + 8) < static_cast<double>(len) ? v1 : kNegInf;
+                }
+                const v8d m = v0 > v1 ? v0 : v1;
+                top[r] = top[r] > m ? top[r] : m;
             }
+        }
+        for (index_t r = 0; row_max && r < nr; ++r) {
+            double m = top[r][0];
+            for (int i = 1; i < 8; ++i) m = top[r][i] > m ? top[r][i] : m;
+            row_max[r0 + r] = m;
         }
     }
 }
 
 MAPA_CLONES
-void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t d, const double* y,
-                   const double* ynorm, index_t rows, double scale, double* out) {
+void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t cols, index_t d,
+                   const double* y, const double* ynorm, index_t rows, double scale, double* out) {
     // A 16-column panel of the tile (d x 16 doubles) is reused by every block
     // of four rows before moving on, so it is read from L1, not L2; each
     // block keeps its 4 x 16 dot products in eight vector registers.
     constexpr index_t kBlockRows = 4;
-    for (index_t j0 = 0; j0 < ld; j0 += 16) {
+    for (index_t j0 = 0; j0 < cols; j0 += 16) {
         const v8d xn0 = load8(xnorm + j0), xn1 = load8(xnorm + j0 + 8);
         for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
             const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
@@ -108,7 +129,7 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t d,
             }
             const v8d acc[kBlockRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
             for (index_t r = 0; r < nr; ++r) {
-                double* o = out + (r0 + r) * ld + j0;
+                double* o = out + (r0 + r) * cols + j0;
                 const double yn = ynorm[r0 + r];
                 v8d d0 = yn + xn0 - 2.0 * acc[r][0];
                 v8d d1 = yn + xn1 - 2.0 * acc[r][1];
@@ -130,28 +151,60 @@ double tile_max(const double* v, index_t len) {
 }
 
 MAPA_CLONES
-index_t next_at_least(const double* v, index_t start, index_t len, double thr) {
-    index_t j = start;
+index_t positions_at_least(const double* v, index_t len, double thr, std::int32_t* out) {
+    // Runs of 16 with no hit are skipped by one vector test; a run with hits
+    // is compacted without branches.
+    index_t c = 0, j = 0;
     for (; j + 16 <= len; j += 16) {
         const v8d a = load8(v + j), b = load8(v + j + 8);
         const v8d m = a > b ? a : b;
         double top = m[0];
         for (int i = 1; i < 8; ++i) top = m[i] > top ? m[i] : top;
-        if (top >= thr) break;
+        if (!(top >= thr)) continue;
+        for (index_t i = j; i < j + 16; ++i) {
+            out[c] = static_cast<std::int32_t>(i);
+            c += v[i] >= thr;
+        }
     }
-    for (; j < len; ++j)
-        if (v[j] >= thr) return j;
-    return len;
+    for (; j < len; ++j) {
+        out[c] = static_cast<std::int32_t>(j);
+        c += v[j] >= thr;
+    }
+    return c;
+}
+
+// Lane b of the result is the maximum of the 8 lanes of m[b]: a butterfly of
+// three shuffle-and-max levels, 7 + 7 operations for 8 horizontal maxima.
+[[gnu::always_inline]] static inline v8d lane_maxima(const v8d m[8]) {
+    typedef long long v8l __attribute__((vector_size(64)));
+    const auto level = [](v8d a, v8d b, v8l lo, v8l hi) {
+        const v8d x = __builtin_shuffle(a, b, lo), y = __builtin_shuffle(a, b, hi);
+        return x > y ? x : y;
+    };
+    const v8l l1a = {0, 8, 2, 10, 4, 12, 6, 14}, l1b = {1, 9, 3, 11, 5, 13, 7, 15};
+    const v8l l2a = {0, 1, 8, 9, 4, 5, 12, 13}, l2b = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8l l3a = {0, 1, 2, 3, 8, 9, 10, 11}, l3b = {4, 5, 6, 7, 12, 13, 14, 15};
+    const v8d t01 = level(m[0], m[1], l1a, l1b), t23 = level(m[2], m[3], l1a, l1b);
+    const v8d t45 = level(m[4], m[5], l1a, l1b), t67 = level(m[6], m[7], l1a, l1b);
+    const v8d u0 = level(t01, t23, l2a, l2b), u1 = level(t45, t67, l2a, l2b);
+    return level(u0, u1, l3a, l3b);
 }
 
 MAPA_CLONES
 index_t block_max16(const double* v, index_t len, double* out) {
     const index_t full = len / 16;
-    for (index_t b = 0; b < full; ++b) {
-        const v8d a = load8(v + 16 * b), c = load8(v + 16 * b + 8);
-        const v8d m = a > c ? a : c;
-        double r = m[0];
-        for (int i = 1; i < 8; ++i) r = m[i] > r ? m[i] : r;
+    index_t b = 0;
+    for (; b + 8 <= full; b += 8) {
+        v8d m[8];
+        for (int i = 0; i < 8; ++i) {
+            const v8d a = load8(v + 16 * (b + i)), c = load8(v + 16 * (b + i) + 8);
+            m[i] = a > c ? a : c;
+        }
+        store8(out + b, lane_maxima(m));
+    }
+    for (; b < full; ++b) {
+        double r = v[16 * b];
+        for (index_t j = 16 * b + 1; j < 16 * b + 16; ++j) r = v[j] > r ? v[j] : r;
         out[b] = r;
     }
     if (full * 16 == len) return full;
@@ -159,6 +212,22 @@ index_t block_max16(const double* v, index_t len, double* out) {
     for (index_t j = full * 16; j < len; ++j) r = v[j] > r ? v[j] : r;
     out[full] = r;
     return full + 1;
+}
+
+MAPA_CLONES
+void rank_order(const double* val, const std::int64_t* idx, index_t n, std::int64_t* rank) {
+    // Entry j is better than entry i when its value is larger, or equal with a
+    // smaller index; the rank of i counts the better entries. Branch-free and
+    // vectorised: n^2 compares cost less than the mispredictions of a sort at
+    // the sizes used (n = k).
+    for (index_t i = 0; i < n; ++i) {
+        const double vi = val[i];
+        const std::int64_t ii = idx[i];
+        std::int64_t r = 0;
+#pragma omp simd reduction(+ : r)
+        for (index_t j = 0; j < n; ++j) r += (val[j] > vi) | ((val[j] == vi) & (idx[j] < ii));
+        rank[i] = r;
+    }
 }
 
 MAPA_CLONES
@@ -204,43 +273,66 @@ void add_offset(float* dst, index_t len, double offset) {
 
 template <class E>
 [[gnu::always_inline]] static inline void accumulate_targets_impl(const double* v, index_t ld,
-                                                                 double log_norm, const double* y,
-                                                                 index_t d, double sq, double* w,
+                                                                 const double* log_norm,
+                                                                 const double* y, const double* sq,
+                                                                 index_t rows, index_t d, double* w,
                                                                  double* s1t, double* s2) {
-    // Exponentials first, in their own loop, so each loop vectorises at its
-    // natural width; the sums stay in double.
-    E qe[512];
-    double q[512];
-    for (index_t j0 = 0; j0 < ld; j0 += 512) {
-        const index_t n = ld - j0 < 512 ? ld - j0 : 512;
+    // Per panel of W columns: the q of every row first (exponentials in
+    // their own loop, at their natural width), then each output row of the
+    // panel is read once, gets the rows' contributions added in register in
+    // row order, and is written once.
+    constexpr index_t W = 64;
+    alignas(64) double q[kTargetRows][W];
+    alignas(64) E qe[W];
+    for (index_t j0 = 0; j0 < ld; j0 += W) {
+        const index_t n = ld - j0 < W ? ld - j0 : W;
+        for (index_t r = 0; r < rows; ++r) {
+            const double* vr = v + r * ld + j0;
+            const double ln = log_norm[r];
 #pragma omp simd
-        for (index_t j = 0; j < n; ++j) qe[j] = exp_nonpos(static_cast<E>(v[j0 + j] - log_norm));
+            for (index_t j = 0; j < n; ++j) qe[j] = exp_nonpos(static_cast<E>(vr[j] - ln));
 #pragma omp simd
-        for (index_t j = 0; j < n; ++j) {
-            const double qj = qe[j];
-            q[j] = qj;
-            w[j0 + j] += qj;
-            s2[j0 + j] += qj * sq;
+            for (index_t j = 0; j < n; ++j) q[r][j] = qe[j];
+        }
+        // n is a multiple of 16 (ld is a multiple of kTileAlign).
+        for (index_t j = 0; j < n; j += 8) {
+            v8d aw = load8(w + j0 + j), as = load8(s2 + j0 + j);
+            for (index_t r = 0; r < rows; ++r) {
+                const v8d qr = load8(&q[r][j]);
+                aw += qr;
+                as += qr * sq[r];
+            }
+            store8(w + j0 + j, aw);
+            store8(s2 + j0 + j, as);
         }
         for (index_t k = 0; k < d; ++k) {
-            const double yk = y[k];
             double* row = s1t + k * ld + j0;
-#pragma omp simd
-            for (index_t j = 0; j < n; ++j) row[j] += q[j] * yk;
+            for (index_t j = 0; j < n; j += 16) {
+                v8d a0 = load8(row + j), a1 = load8(row + j + 8);
+                for (index_t r = 0; r < rows; ++r) {
+                    const double yk = y[r * d + k];
+                    a0 += load8(&q[r][j]) * yk;
+                    a1 += load8(&q[r][j + 8]) * yk;
+                }
+                store8(row + j, a0);
+                store8(row + j + 8, a1);
+            }
         }
     }
 }
 
 MAPA_CLONES
-void accumulate_targets(const double* v, index_t ld, double log_norm, const double* y, index_t d,
-                        double sq, double* w, double* s1t, double* s2, double) {
-    accumulate_targets_impl<double>(v, ld, log_norm, y, d, sq, w, s1t, s2);
+void accumulate_targets(const double* v, index_t ld, const double* log_norm, const double* y,
+                        const double* sq, index_t rows, index_t d, double* w, double* s1t, double* s2,
+                        double) {
+    accumulate_targets_impl<double>(v, ld, log_norm, y, sq, rows, d, w, s1t, s2);
 }
 
 MAPA_CLONES
-void accumulate_targets(const double* v, index_t ld, double log_norm, const double* y, index_t d,
-                        double sq, double* w, double* s1t, double* s2, float) {
-    accumulate_targets_impl<float>(v, ld, log_norm, y, d, sq, w, s1t, s2);
+void accumulate_targets(const double* v, index_t ld, const double* log_norm, const double* y,
+                        const double* sq, index_t rows, index_t d, double* w, double* s1t, double* s2,
+                        float) {
+    accumulate_targets_impl<float>(v, ld, log_norm, y, sq, rows, d, w, s1t, s2);
 }
 
 const char* selected_isa() {

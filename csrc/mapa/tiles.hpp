@@ -20,24 +20,32 @@ using index_t = std::int64_t;
 // Row stride of packed tiles and logit buffers is a multiple of this.
 constexpr index_t kTileAlign = 32;
 
-// out[r * ld + j] = -scale * ||y_r - x_j||^2 by explicit differences, for
-// rows r < rows and every column j < ld of the tile (accurate for any offset).
-void logits_direct(const double* xt, index_t ld, index_t d, const double* y, index_t rows,
-                   double scale, double* out);
+// out[r * cols + j] = -scale * ||y_r - x_j||^2 by explicit differences, for
+// rows r < rows and columns j < cols (a multiple of 16) of a tile with row
+// stride ld (accurate for any offset). A column's value does not depend on
+// `rows` or `cols`. Unless row_max is null, row_max[r] = max of row r over
+// the columns j < len, found in passing.
+void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const double* y,
+                   index_t rows, double scale, double* out, index_t len = 0, double* row_max = nullptr);
 
 // Same quantity from the expansion ||y||^2 + ||x||^2 - 2 y.x (clamped at 0),
 // register-blocked over four rows: the fast path for many features.
-void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t d, const double* y,
-                   const double* ynorm, index_t rows, double scale, double* out);
+void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t cols, index_t d,
+                   const double* y, const double* ynorm, index_t rows, double scale, double* out);
 
 // max_j v[j] (-inf when len == 0 or all entries are -inf).
 double tile_max(const double* v, index_t len);
 
-// Smallest j in [start, len) with v[j] >= thr, or len if there is none.
-index_t next_at_least(const double* v, index_t start, index_t len, double thr);
+// Writes the positions j < len with v[j] >= thr to out, ascending; returns
+// how many (out needs room for len entries).
+index_t positions_at_least(const double* v, index_t len, double thr, std::int32_t* out);
 
 // out[b] = max of v[16 b .. 16 b + 16) clipped to len; returns the block count.
 index_t block_max16(const double* v, index_t len, double* out);
+
+// rank[i] = number of entries better than entry i (larger value, or equal
+// value and smaller index); indices must be distinct, so ranks are 0 .. n-1.
+void rank_order(const double* val, const std::int64_t* idx, index_t n, std::int64_t* rank);
 
 // sum_j exp(v[j] - shift) for v[j] <= shift. The float overload evaluates
 // the exponentials in single precision (for float32 problems, where a
@@ -53,13 +61,20 @@ void store_shifted(const double* v, index_t len, double shift, float* dst);
 void add_offset(double* dst, index_t len, double offset);
 void add_offset(float* dst, index_t len, double offset);
 
-// With q_j = exp(v[j] - log_norm): w[j] += q_j, s2[j] += q_j * sq,
-// s1t[k * ld + j] += q_j * y[k] for every feature k.
+// Most query rows accumulate_targets takes at once.
+constexpr index_t kTargetRows = 16;
+
+// For rows r < rows (<= kTargetRows) of logits v (row stride ld) and
+// q_rj = exp(v[r * ld + j] - log_norm[r]): w[j] += sum_r q_rj,
+// s2[j] += sum_r q_rj * sq[r], s1t[k * ld + j] += sum_r q_rj * y[r * d + k]
+// for every feature k, each sum taken in row order.
 // The last argument picks the precision of the exponentials, as above.
-void accumulate_targets(const double* v, index_t ld, double log_norm, const double* y, index_t d,
-                        double sq, double* w, double* s1t, double* s2, double);
-void accumulate_targets(const double* v, index_t ld, double log_norm, const double* y, index_t d,
-                        double sq, double* w, double* s1t, double* s2, float);
+void accumulate_targets(const double* v, index_t ld, const double* log_norm, const double* y,
+                        const double* sq, index_t rows, index_t d, double* w, double* s1t, double* s2,
+                        double);
+void accumulate_targets(const double* v, index_t ld, const double* log_norm, const double* y,
+                        const double* sq, index_t rows, index_t d, double* w, double* s1t, double* s2,
+                        float);
 
 // Name of the clone the loader picked on this CPU ("avx512", "avx2", "baseline").
 const char* selected_isa();

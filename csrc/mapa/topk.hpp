@@ -1,11 +1,14 @@
 // Bounded selection of the k largest logits of one row.
 //
-// Candidates at or above the current threshold are appended to a buffer;
-// when it holds 2k entries, nth_element keeps the best k and raises the
-// threshold to the k-th value. Each candidate costs an append plus O(1)
-// amortised selection work, far less than a heap update. "Better" means a
-// larger value, or an equal value with a smaller index, so the result does
-// not depend on the tile order or thread count.
+// Candidates at or above the current threshold (found by a vectorised scan)
+// are appended to a buffer;
+// when it holds 2k entries, a branch-free quickselect finds the k-th value,
+// the best k are kept and the threshold rises to that value. Each candidate
+// costs an append plus O(1) amortised selection work, with no data-dependent
+// branches (a heap or std::nth_element mispredicts about every other
+// comparison). "Better" means a larger value, or an equal value with a
+// smaller index, so the result does not depend on the tile order or thread
+// count.
 #pragma once
 
 #include <algorithm>
@@ -18,14 +21,54 @@
 
 namespace mapa {
 
+// The value at position k (0-based) of a[0, n) in descending order, for
+// k < n and no NaN; a and b (room for n) are overwritten. Quickselect whose
+// partitions copy between the two buffers without branches, so no load
+// waits on the previous element's comparison.
+inline double kth_largest(double* a, double* b, std::size_t n, std::size_t k) {
+    for (;;) {
+        const double x = a[0], y = a[n / 2], z = a[n - 1];
+        const double p = std::max(std::min(x, y), std::min(std::max(x, y), z));  // median of three
+        // b[0, g): > p, b[g, n): <= p
+        std::size_t g = 0, l = n;
+        for (std::size_t j = 0; j < n; ++j) {
+            const double v = a[j];
+            const bool above = v > p;
+            b[g] = v;
+            b[l - 1] = v;
+            g += above;
+            l -= !above;
+        }
+        if (k < g) {
+            std::swap(a, b);
+            n = g;
+            continue;
+        }
+        // b[g, n) holds p itself at least once; keep what is below p
+        std::size_t e = 0, m = 0;
+        for (std::size_t j = g; j < n; ++j) {
+            const double v = b[j];
+            a[m] = v;
+            m += v < p;
+            e += v == p;
+        }
+        if (k < g + e) return p;
+        k -= g + e;
+        n = m;
+    }
+}
+
 class TopK {
 public:
     using Entry = std::pair<double, std::int64_t>;
 
-    explicit TopK(std::int64_t k) : k_(static_cast<std::size_t>(k)) { buf_.reserve(2 * k_ + 16); }
+    // Keeps the best k of the values offered, in runs of at most `stride`.
+    TopK(std::int64_t k, std::int64_t stride)
+        : k_(static_cast<std::size_t>(k)), val_(2 * k_), idx_(2 * k_), scratch_(2 * k_), scratch2_(2 * k_), ties_(2 * k_),
+          pos_(static_cast<std::size_t>(stride)) {}
 
     void reset() {
-        buf_.clear();
+        n_ = 0;
         thr_ = -std::numeric_limits<double>::infinity();
     }
 
@@ -35,49 +78,77 @@ public:
 
     // The k-th best value offered so far, or -inf if fewer than k were offered.
     double kth_value() {
-        if (buf_.size() < k_) return -std::numeric_limits<double>::infinity();
-        if (buf_.size() > k_) shrink();
+        if (n_ < k_) return -std::numeric_limits<double>::infinity();
+        shrink();
         return thr_;
     }
 
-    // Offer each value once, without indices (used for bounds).
-    void offer_values(const double* v, std::int64_t len) { offer(v, len, 0); }
-
-    // Offer the columns of one tile whose first global index is `base`; a
-    // vectorised scan skips to the next column at or above the threshold.
+    // Offer the columns of one tile (len <= the tile stride given at
+    // construction) whose first global index is `base`.
     void offer(const double* v, std::int64_t len, std::int64_t base) {
-        constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-        for (std::int64_t j = next_at_least(v, 0, len, thr_); j < len;
-             j = next_at_least(v, j + 1, len, thr_)) {
-            if (v[j] == kNegInf) continue;  // excluded self term
-            buf_.emplace_back(v[j], base + j);
-            if (buf_.size() >= 2 * k_) shrink();
+        const std::int64_t found = positions_at_least(v, len, thr_, pos_.data());
+        for (std::int64_t i = 0; i < found; ++i) {
+            const double x = v[pos_[static_cast<std::size_t>(i)]];
+            // the threshold may have risen since the scan; -inf is an excluded self term
+            if (x < thr_ || x == -std::numeric_limits<double>::infinity()) continue;
+            val_[n_] = x;
+            idx_[n_] = base + pos_[static_cast<std::size_t>(i)];
+            if (++n_ == 2 * k_) shrink();
         }
     }
+
+    // Keep only the best min(k, offered) entries; returns how many there are.
+    std::size_t keep_best() {
+        shrink();
+        return n_;
+    }
+    std::int64_t index(std::size_t i) const { return idx_[i]; }
 
     // The best k entries, from best to worst.
     const std::vector<Entry>& sorted() {
-        if (buf_.size() > k_) shrink();
-        std::sort(buf_.begin(), buf_.end(), Better{});
-        return buf_;
+        shrink();
+        sorted_.resize(n_);
+        rank_order(val_.data(), idx_.data(), static_cast<std::int64_t>(n_), ties_.data());
+        for (std::size_t i = 0; i < n_; ++i) sorted_[static_cast<std::size_t>(ties_[i])] = {val_[i], idx_[i]};
+        return sorted_;
     }
 
 private:
-    struct Better {
-        bool operator()(const Entry& a, const Entry& b) const {
-            return a.first > b.first || (a.first == b.first && a.second < b.second);
-        }
-    };
-
     void shrink() {
-        std::nth_element(buf_.begin(), buf_.begin() + static_cast<std::ptrdiff_t>(k_ - 1), buf_.end(),
-                         Better{});
-        buf_.resize(k_);
-        thr_ = buf_[k_ - 1].first;  // entries below the k-th best can never enter
+        if (n_ <= k_) return;
+        std::copy(val_.begin(), val_.begin() + static_cast<std::ptrdiff_t>(n_), scratch_.begin());
+        const double kth = kth_largest(scratch_.data(), scratch2_.data(), n_, k_ - 1);
+        // Keep everything above the k-th value, in place; set aside the
+        // indices of the entries equal to it (at least one).
+        std::size_t m = 0, t = 0;
+        for (std::size_t i = 0; i < n_; ++i) {
+            const double v = val_[i];
+            const std::int64_t id = idx_[i];
+            val_[m] = v;
+            idx_[m] = id;
+            ties_[t] = id;
+            m += v > kth;
+            t += v == kth;
+        }
+        // Of the tied entries, the smallest indices fill the remaining places.
+        const std::size_t need = k_ - m;
+        if (t > need) std::nth_element(ties_.begin(), ties_.begin() + static_cast<std::ptrdiff_t>(need - 1),
+                                       ties_.begin() + static_cast<std::ptrdiff_t>(t));
+        for (std::size_t i = 0; i < need; ++i, ++m) {
+            val_[m] = kth;
+            idx_[m] = ties_[i];
+        }
+        n_ = k_;
+        thr_ = kth;  // entries below the k-th best can never enter
     }
 
-    std::size_t k_;
-    std::vector<Entry> buf_;
+    std::size_t k_, n_ = 0;
+    std::vector<double> val_;
+    std::vector<std::int64_t> idx_;
+    std::vector<double> scratch_, scratch2_;
+    std::vector<std::int64_t> ties_;
+    std::vector<Entry> sorted_;
+    std::vector<std::int32_t> pos_;  // positions found by one scan
     double thr_ = -std::numeric_limits<double>::infinity();
 };
 
