@@ -99,17 +99,17 @@ struct RowBlock {
 };
 
 // Logits of the loaded rows against tile t, self terms set to -inf, and
-// each row's maximum over the tile in b.tmax.
+// (when with_max) each row's maximum over the tile in b.tmax.
 void tile_logits(const PackedRefs& p, RowBlock& b, index_t r0, index_t rows, index_t t, double scale,
-                 bool exclude_self) {
+                 bool exclude_self, bool with_max = true) {
     const index_t len = p.len(t);
     if (p.expand) {
         logits_expand(p.tile(t), p.norm(t), p.ld, p.ld, p.d, b.y.data(), b.ynorm.data(), rows, scale,
                       b.logits.data());
-        for (index_t r = 0; r < rows; ++r) b.tmax[r] = tile_max(b.logits.data() + r * p.ld, len);
+        for (index_t r = 0; with_max && r < rows; ++r) b.tmax[r] = tile_max(b.logits.data() + r * p.ld, len);
     } else {
         logits_direct(p.tile(t), p.ld, p.ld, p.d, b.y.data(), rows, scale, b.logits.data(), len,
-                      b.tmax.data());
+                      with_max ? b.tmax.data() : nullptr);
     }
     if (exclude_self) {
         const index_t c0 = t * p.tb, c1 = c0 + len;
@@ -118,21 +118,8 @@ void tile_logits(const PackedRefs& p, RowBlock& b, index_t r0, index_t rows, ind
             if (g < c0 || g >= c1) continue;
             double* row = b.logits.data() + r * p.ld;
             row[g - c0] = kNegInf;
-            b.tmax[r] = tile_max(row, len);
+            if (with_max) b.tmax[r] = tile_max(row, len);
         }
-    }
-}
-
-// Logits of loaded row r against the 16 columns [c0, c0 + 16) of tile t, into
-// out[0, 16), by the same leaf (and so the same values) as tile_logits; self
-// terms are left to the caller.
-void block_logits(const PackedRefs& p, const RowBlock& b, index_t r, index_t t, index_t c0,
-                  double scale, double* out) {
-    if (p.expand) {
-        logits_expand(p.tile(t) + c0, p.norm(t) + c0, p.ld, 16, p.d, b.y.data() + r * p.d,
-                      b.ynorm.data() + r, 1, scale, out);
-    } else {
-        logits_direct(p.tile(t) + c0, p.ld, 16, p.d, b.y.data() + r * p.d, 1, scale, out);
     }
 }
 
@@ -295,9 +282,16 @@ struct TopKState : NormState<T> {
     std::vector<TopK> heaps;  // the k best entries of each row
     std::vector<TopK> bound;  // the k best 16-column blocks of each row, by their maxima
     std::vector<double> maxima, cand;
-    TopKState(index_t d, index_t ld, index_t k)
+    struct Visit {
+        index_t block, row;
+    };
+    std::vector<Visit> visits, sorted;  // candidate blocks of the rows, then by tile
+    std::vector<index_t> starts;        // ntiles + 1 counters of the sort by tile
+    TopKState(index_t d, index_t ld, index_t k, index_t ntiles)
         : NormState<T>(d, ld), heaps(kRows, TopK(k, 16)), bound(kRows, TopK(k, ld / 16 + 1)), maxima(ld / 16 + 1),
-          cand(16) {}
+          cand(64), starts(static_cast<std::size_t>(ntiles + 1)) {
+        visits.reserve(static_cast<std::size_t>(kRows * k));
+    }
     void reset(index_t rows) {
         NormState<T>::reset(rows);
         for (auto& h : heaps) h.reset();
@@ -320,7 +314,7 @@ void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, 
     // bit for bit the same values, and searched for the k best.
     const index_t per_tile = p.ld / 16;  // block ids: t * per_tile + column / 16
     over_query_blocks<T, TopKState<T>>(
-        a, p, ctl, [&] { return TopKState<T>(a.d, p.ld, k); },
+        a, p, ctl, [&] { return TopKState<T>(a.d, p.ld, k, p.ntiles); },
         [&](TopKState<T>& s, index_t, index_t rows, index_t t) {
             for (index_t r = 0; r < rows; ++r) {
                 const double* v = s.block.logits.data() + r * p.ld;
@@ -330,20 +324,45 @@ void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, 
             }
         },
         [&](TopKState<T>& s, index_t r0, index_t rows) {
+            // The rows' candidate blocks, visited tile by tile (a counting
+            // sort), so that each tile is brought into cache once.
+            s.visits.clear();
+            for (index_t r = 0; r < rows; ++r) {
+                s.heaps[r].seed(s.bound[r].kth_value());
+                const std::size_t nb = s.bound[r].keep_best();
+                for (std::size_t i = 0; i < nb; ++i) s.visits.push_back({s.bound[r].index(i), r});
+            }
+            std::fill(s.starts.begin(), s.starts.end(), 0);
+            for (const auto& v : s.visits) ++s.starts[static_cast<std::size_t>(v.block / per_tile + 1)];
+            for (std::size_t t = 1; t < s.starts.size(); ++t) s.starts[t] += s.starts[t - 1];
+            s.sorted.resize(s.visits.size());
+            for (const auto& v : s.visits) s.sorted[static_cast<std::size_t>(s.starts[static_cast<std::size_t>(v.block / per_tile)]++)] = v;
+            for (std::size_t i0 = 0; i0 < s.sorted.size(); i0 += 4) {
+                const index_t n = std::min<index_t>(4, static_cast<index_t>(s.sorted.size() - i0));
+                const double *xt[4], *xn[4], *y[4];
+                double yn[4];
+                for (index_t i = 0; i < n; ++i) {
+                    const auto& v = s.sorted[i0 + static_cast<std::size_t>(i)];
+                    const index_t t = v.block / per_tile, c0 = (v.block % per_tile) * 16;
+                    xt[i] = p.tile(t) + c0;
+                    xn[i] = p.expand ? p.norm(t) + c0 : nullptr;
+                    y[i] = s.block.y.data() + v.row * a.d;
+                    yn[i] = s.block.ynorm[static_cast<std::size_t>(v.row)];
+                }
+                logits_visits(xt, p.expand ? xn : nullptr, p.ld, a.d, y, yn, n, a.scale, s.cand.data());
+                for (index_t i = 0; i < n; ++i) {
+                    const auto& v = s.sorted[i0 + static_cast<std::size_t>(i)];
+                    const index_t t = v.block / per_tile, c0 = (v.block % per_tile) * 16;
+                    const index_t len = std::min<index_t>(16, p.len(t) - c0);
+                    double* vals = s.cand.data() + 16 * i;
+                    const index_t self = r0 + v.row - t * p.tb - c0;
+                    if (a.exclude_self && self >= 0 && self < len) vals[self] = kNegInf;
+                    s.heaps[v.row].offer(vals, len, t * p.tb + c0);
+                }
+            }
             for (index_t r = 0; r < rows; ++r) {
                 const index_t g = r0 + r;
                 TopK& best = s.heaps[r];
-                best.seed(s.bound[r].kth_value());
-                const std::size_t nb = s.bound[r].keep_best();
-                for (std::size_t i = 0; i < nb; ++i) {
-                    const index_t id = s.bound[r].index(i);
-                    const index_t t = id / per_tile, c0 = (id % per_tile) * 16;
-                    const index_t len = std::min<index_t>(16, p.len(t) - c0);
-                    block_logits(p, s.block, r, t, c0, a.scale, s.cand.data());
-                    const index_t self = g - t * p.tb - c0;
-                    if (a.exclude_self && self >= 0 && self < len) s.cand[self] = kNegInf;
-                    best.offer(s.cand.data(), len, t * p.tb + c0);
-                }
                 const double ln = s.lse[r].value();
                 log_norm[g] = static_cast<T>(ln);
                 const auto& sorted = best.sorted();
@@ -384,7 +403,7 @@ void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
             for (index_t r0 = 0; r0 < n; r0 += kRows) {
                 const index_t rows = std::min(kRows, n - r0);
                 s.block.load(x, r0, rows, d, p.shift());
-                tile_logits(p, s.block, r0, rows, t, a.scale, a.exclude_self);
+                tile_logits(p, s.block, r0, rows, t, a.scale, a.exclude_self, /*with_max=*/false);
                 accumulate_targets(s.block.logits.data(), p.ld, lnorm.data() + r0, s.block.y.data(),
                                    s.block.ynorm.data(), rows, d, s.w.data(), s.s1t.data(), s.s2.data(), T{});
             }

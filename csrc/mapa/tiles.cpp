@@ -43,6 +43,60 @@ typedef double v8d __attribute__((vector_size(64)));
     y3 = y + (r0 + (nr > 3 ? 3 : nr - 1)) * d;
 }
 
+// Sums of squared differences of R rows (ys) against the 16 columns at xt:
+// acc[r][h] holds columns 8h .. 8h + 7. Shared by the block-of-four and the
+// single-row leaves so that both give the same value, bit for bit.
+template <int R>
+[[gnu::always_inline]] static inline void direct_sums(const double* xt, index_t ld, index_t d,
+                                                      const double* const* ys, v8d (&acc)[R][2]) {
+    // local accumulators, indexed only by unrolled constants: kept in registers
+    v8d a[R][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = v8d{};
+    for (index_t k = 0; k < d; ++k, xt += ld) {
+        const v8d x0 = load8(xt), x1 = load8(xt + 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const v8d e0 = x0 - ys[r][k], e1 = x1 - ys[r][k];
+            a[r][0] += e0 * e0;
+            a[r][1] += e1 * e1;
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r][0] = a[r][0], acc[r][1] = a[r][1];
+}
+
+// Dot products of R rows (ys) with the 16 columns at xt, as above.
+template <int R>
+[[gnu::always_inline]] static inline void dot_sums(const double* xt, index_t ld, index_t d,
+                                                   const double* const* ys, v8d (&acc)[R][2]) {
+    // local accumulators, indexed only by unrolled constants: kept in registers
+    v8d a[R][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = v8d{};
+    for (index_t k = 0; k < d; ++k, xt += ld) {
+        const v8d x0 = load8(xt), x1 = load8(xt + 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            a[r][0] += ys[r][k] * x0;
+            a[r][1] += ys[r][k] * x1;
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r][0] = a[r][0], acc[r][1] = a[r][1];
+}
+
+// -scale * max(0, ||y||^2 + ||x||^2 - 2 y.x) for 16 columns, stored at o.
+[[gnu::always_inline]] static inline void expand_store(const v8d (&acc)[2], double yn, v8d xn0, v8d xn1,
+                                                       double scale, double* o) {
+    v8d d0 = yn + xn0 - 2.0 * acc[0];
+    v8d d1 = yn + xn1 - 2.0 * acc[1];
+    d0 = d0 > 0.0 ? d0 : 0.0;
+    d1 = d1 > 0.0 ? d1 : 0.0;
+    store8(o, d0 * -scale);
+    store8(o + 8, d1 * -scale);
+}
+
 MAPA_CLONES
 void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const double* y,
                    index_t rows, double scale, double* out, index_t len, double* row_max) {
@@ -57,28 +111,10 @@ void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const 
         four_rows(y, d, r0, nr, y0, y1, y2, y3);
         v8d top[kBlockRows];  // running maxima of the rows, over columns < len
         for (auto& m : top) m = v8d{} + kNegInf;
+        const double* ys[kBlockRows] = {y0, y1, y2, y3};
         for (index_t j0 = 0; j0 < cols; j0 += 16) {
-            v8d a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
-            const double* xk = xt + j0;
-            for (index_t k = 0; k < d; ++k, xk += ld) {
-                const v8d x0 = load8(xk), x1 = load8(xk + 8);
-                v8d e0 = x0 - y0[k], e1 = x1 - y0[k];
-                a00 += e0 * e0;
-                a01 += e1 * e1;
-                e0 = x0 - y1[k];
-                e1 = x1 - y1[k];
-                a10 += e0 * e0;
-                a11 += e1 * e1;
-                e0 = x0 - y2[k];
-                e1 = x1 - y2[k];
-                a20 += e0 * e0;
-                a21 += e1 * e1;
-                e0 = x0 - y3[k];
-                e1 = x1 - y3[k];
-                a30 += e0 * e0;
-                a31 += e1 * e1;
-            }
-            const v8d acc[kBlockRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+            v8d acc[kBlockRows][2];
+            direct_sums<kBlockRows>(xt + j0, ld, d, ys, acc);
             for (index_t r = 0; r < nr; ++r) {
                 double* o = out + (r0 + r) * cols + j0;
                 v8d v0 = acc[r][0] * -scale, v1 = acc[r][1] * -scale;
@@ -114,30 +150,60 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t co
             const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
             const double *y0, *y1, *y2, *y3;
             four_rows(y, d, r0, nr, y0, y1, y2, y3);
-            v8d a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
-            const double* xk = xt + j0;
-            for (index_t k = 0; k < d; ++k, xk += ld) {
-                const v8d x0 = load8(xk), x1 = load8(xk + 8);
-                a00 += y0[k] * x0;
-                a01 += y0[k] * x1;
-                a10 += y1[k] * x0;
-                a11 += y1[k] * x1;
-                a20 += y2[k] * x0;
-                a21 += y2[k] * x1;
-                a30 += y3[k] * x0;
-                a31 += y3[k] * x1;
-            }
-            const v8d acc[kBlockRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+            const double* ys[kBlockRows] = {y0, y1, y2, y3};
+            v8d acc[kBlockRows][2];
+            dot_sums<kBlockRows>(xt + j0, ld, d, ys, acc);
             for (index_t r = 0; r < nr; ++r) {
                 double* o = out + (r0 + r) * cols + j0;
-                const double yn = ynorm[r0 + r];
-                v8d d0 = yn + xn0 - 2.0 * acc[r][0];
-                v8d d1 = yn + xn1 - 2.0 * acc[r][1];
-                d0 = d0 > 0.0 ? d0 : 0.0;
-                d1 = d1 > 0.0 ? d1 : 0.0;
-                store8(o, d0 * -scale);
-                store8(o + 8, d1 * -scale);
+                expand_store(acc[r], ynorm[r0 + r], xn0, xn1, scale, o);
             }
+        }
+    }
+}
+
+MAPA_CLONES
+void logits_visits(const double* const* xt, const double* const* xnorm, index_t ld, index_t d,
+                   const double* const* y, const double* ynorm, index_t n, double scale, double* out) {
+    // Up to four (row, block) visits at once: eight independent accumulator
+    // chains hide the multiply-add latency that one visit alone would wait on.
+    // Each value is accumulated exactly as in the block-of-four leaves.
+    const int last = static_cast<int>(n) - 1;
+    const int at[4] = {0, last < 1 ? last : 1, last < 2 ? last : 2, last < 3 ? last : 3};
+    v8d a[4][2];
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) a[v][0] = a[v][1] = v8d{};
+    const double *x0 = xt[at[0]], *x1 = xt[at[1]], *x2 = xt[at[2]], *x3 = xt[at[3]];
+    const double *y0 = y[at[0]], *y1 = y[at[1]], *y2 = y[at[2]], *y3 = y[at[3]];
+    const double* xs[4] = {x0, x1, x2, x3};
+    const double* ys[4] = {y0, y1, y2, y3};
+    if (xnorm) {
+        for (index_t k = 0; k < d; ++k) {
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; ++v) {
+                const double* xk = xs[v] + k * ld;
+                a[v][0] += ys[v][k] * load8(xk);
+                a[v][1] += ys[v][k] * load8(xk + 8);
+            }
+        }
+    } else {
+        for (index_t k = 0; k < d; ++k) {
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; ++v) {
+                const double* xk = xs[v] + k * ld;
+                const v8d e0 = load8(xk) - ys[v][k], e1 = load8(xk + 8) - ys[v][k];
+                a[v][0] += e0 * e0;
+                a[v][1] += e1 * e1;
+            }
+        }
+    }
+    for (int v = 0; v < static_cast<int>(n); ++v) {
+        const v8d acc[2] = {a[v][0], a[v][1]};
+        double* o = out + 16 * v;
+        if (xnorm) {
+            expand_store(acc, ynorm[v], load8(xnorm[v]), load8(xnorm[v] + 8), scale, o);
+        } else {
+            store8(o, acc[0] * -scale);
+            store8(o + 8, acc[1] * -scale);
         }
     }
 }
@@ -277,45 +343,64 @@ template <class E>
                                                                  const double* y, const double* sq,
                                                                  index_t rows, index_t d, double* w,
                                                                  double* s1t, double* s2) {
-    // Per panel of W columns: the q of every row first (exponentials in
-    // their own loop, at their natural width), then each output row of the
+    // Per panel of W columns: the q of every row first, then each output row of the
     // panel is read once, gets the rows' contributions added in register in
     // row order, and is written once.
     constexpr index_t W = 64;
     alignas(64) double q[kTargetRows][W];
     alignas(64) E qe[W];
+    static_assert(kTileAlign == W / 2, "panels of W or W / 2 columns");
     for (index_t j0 = 0; j0 < ld; j0 += W) {
         const index_t n = ld - j0 < W ? ld - j0 : W;
         for (index_t r = 0; r < rows; ++r) {
             const double* vr = v + r * ld + j0;
             const double ln = log_norm[r];
+            // whole panels of W or W / 2 (ld is a multiple of 32): no masked
+            // remainder; exponentials and widening in separate loops, each
+            // vectorised at its natural width
+            if (n == W) {
 #pragma omp simd
-            for (index_t j = 0; j < n; ++j) qe[j] = exp_nonpos(static_cast<E>(vr[j] - ln));
+                for (index_t j = 0; j < W; ++j) qe[j] = exp_nonpos(static_cast<E>(vr[j] - ln));
 #pragma omp simd
-            for (index_t j = 0; j < n; ++j) q[r][j] = qe[j];
-        }
-        // n is a multiple of 16 (ld is a multiple of kTileAlign).
-        for (index_t j = 0; j < n; j += 8) {
-            v8d aw = load8(w + j0 + j), as = load8(s2 + j0 + j);
-            for (index_t r = 0; r < rows; ++r) {
-                const v8d qr = load8(&q[r][j]);
-                aw += qr;
-                as += qr * sq[r];
+                for (index_t j = 0; j < W; ++j) q[r][j] = qe[j];
+            } else {
+#pragma omp simd
+                for (index_t j = 0; j < W / 2; ++j) qe[j] = exp_nonpos(static_cast<E>(vr[j] - ln));
+#pragma omp simd
+                for (index_t j = 0; j < W / 2; ++j) q[r][j] = qe[j];
             }
-            store8(w + j0 + j, aw);
-            store8(s2 + j0 + j, as);
+        }
+        // n is a multiple of 32 (ld is a multiple of kTileAlign): four vectors
+        // at a time, so that several independent sums hide the add latency.
+        static_assert(kTileAlign % 32 == 0, "four vectors per column group");
+        for (index_t j = 0; j < n; j += 32) {
+            v8d aw[4], as[4];
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) aw[i] = load8(w + j0 + j + 8 * i), as[i] = load8(s2 + j0 + j + 8 * i);
+            for (index_t r = 0; r < rows; ++r) {
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; ++i) {
+                    const v8d qr = load8(&q[r][j + 8 * i]);
+                    aw[i] += qr;
+                    as[i] += qr * sq[r];
+                }
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) store8(w + j0 + j + 8 * i, aw[i]), store8(s2 + j0 + j + 8 * i, as[i]);
         }
         for (index_t k = 0; k < d; ++k) {
             double* row = s1t + k * ld + j0;
-            for (index_t j = 0; j < n; j += 16) {
-                v8d a0 = load8(row + j), a1 = load8(row + j + 8);
+            for (index_t j = 0; j < n; j += 32) {
+                v8d a[4];
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; ++i) a[i] = load8(row + j + 8 * i);
                 for (index_t r = 0; r < rows; ++r) {
                     const double yk = y[r * d + k];
-                    a0 += load8(&q[r][j]) * yk;
-                    a1 += load8(&q[r][j + 8]) * yk;
+#pragma GCC unroll 4
+                    for (int i = 0; i < 4; ++i) a[i] += load8(&q[r][j + 8 * i]) * yk;
                 }
-                store8(row + j, a0);
-                store8(row + j + 8, a1);
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; ++i) store8(row + j + 8 * i, a[i]);
             }
         }
     }

@@ -33,6 +33,14 @@ void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const 
 void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t cols, index_t d,
                    const double* y, const double* ynorm, index_t rows, double scale, double* out);
 
+// n <= 4 visits at once: visit v is one row y[v] against the 16 columns at
+// xt[v] (row stride ld), written to out[16 v, 16 v + 16). The expansion
+// when xnorm is given (xnorm[v]: those columns' squared norms, ynorm[v]:
+// the row's), explicit differences otherwise; the same values, bit for bit,
+// as logits_expand / logits_direct.
+void logits_visits(const double* const* xt, const double* const* xnorm, index_t ld, index_t d,
+                   const double* const* y, const double* ynorm, index_t n, double scale, double* out);
+
 // max_j v[j] (-inf when len == 0 or all entries are -inf).
 double tile_max(const double* v, index_t len);
 
