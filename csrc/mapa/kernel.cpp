@@ -39,13 +39,18 @@ struct PackedRefs {
     index_t len(index_t t) const { return std::min(tb, n - t * tb); }
 };
 
+index_t tile_length(index_t n, index_t d, index_t tile) {
+    // A requested tile longer than the data would only waste memory.
+    return tile > 0 ? std::min(tile, (n + kTileAlign - 1) / kTileAlign * kTileAlign) : default_tile(n, d);
+}
+
+// `perm` (or nullptr): packed position i holds reference perm[i].
 template <class T>
-PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads) {
+PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads, const index_t* perm = nullptr) {
     PackedRefs p;
     p.n = n;
     p.d = d;
-    // A requested tile longer than the data would only waste memory.
-    p.tb = tile > 0 ? std::min(tile, (n + kTileAlign - 1) / kTileAlign * kTileAlign) : default_tile(n, d);
+    p.tb = tile_length(n, d, tile);
     p.ld = (p.tb + kTileAlign - 1) / kTileAlign * kTileAlign;
     p.ntiles = (n + p.tb - 1) / p.tb;
     p.expand = d > kDirectMaxFeatures;
@@ -65,7 +70,8 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads) {
         double* dst = p.data.data() + t * d * p.ld;
         const index_t len = p.len(t);
         for (index_t j = 0; j < len; ++j) {
-            const T* row = x + (t * p.tb + j) * d;
+            const index_t i = t * p.tb + j;
+            const T* row = x + (perm ? perm[i] : i) * d;
             double sq = 0.0;
             for (index_t k = 0; k < d; ++k) {
                 const double v = static_cast<double>(row[k]) - (c ? c[k] : 0.0);
@@ -78,18 +84,27 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads) {
     return p;
 }
 
-// Query rows [r0, r0 + rows) as doubles, with their squared norms.
+// Query rows as doubles, with their squared norms: the rows at positions
+// [r0, r0 + rows), which are rows order[r0 ..] of the input when an order is
+// given. orig[r] is the input row of loaded row r and self[r] the packed
+// position of the same point among the references (for exclude_self).
 struct RowBlock {
     std::vector<double> y, ynorm, logits, tmax;
+    index_t orig[kRows], self[kRows];
     RowBlock(index_t d, index_t ld) : y(kRows * d), ynorm(kRows), logits(kRows * ld), tmax(kRows) {}
 
-    // `shift` (or nullptr) is subtracted from every row, as in PackedRefs.
+    // `shift` (or nullptr) is subtracted from every row, as in PackedRefs;
+    // `order` and `position` (input row -> packed position) may be nullptr.
     template <class T>
-    void load(const T* src, index_t r0, index_t rows, index_t d, const double* shift) {
+    void load(const T* src, index_t r0, index_t rows, index_t d, const double* shift, const index_t* order,
+              const index_t* position) {
         for (index_t r = 0; r < rows; ++r) {
+            const index_t g = order ? order[r0 + r] : r0 + r;
+            orig[r] = g;
+            self[r] = position ? position[g] : g;
             double sq = 0.0;
             for (index_t k = 0; k < d; ++k) {
-                const double v = static_cast<double>(src[(r0 + r) * d + k]) - (shift ? shift[k] : 0.0);
+                const double v = static_cast<double>(src[g * d + k]) - (shift ? shift[k] : 0.0);
                 y[r * d + k] = v;
                 sq += v * v;
             }
@@ -100,8 +115,8 @@ struct RowBlock {
 
 // Logits of the loaded rows against tile t, self terms set to -inf, and
 // (when with_max) each row's maximum over the tile in b.tmax.
-void tile_logits(const PackedRefs& p, RowBlock& b, index_t r0, index_t rows, index_t t, double scale,
-                 bool exclude_self, bool with_max = true) {
+void tile_logits(const PackedRefs& p, RowBlock& b, index_t rows, index_t t, double scale, bool exclude_self,
+                 bool with_max = true) {
     const index_t len = p.len(t);
     if (p.expand) {
         logits_expand(p.tile(t), p.norm(t), p.ld, p.ld, p.d, b.y.data(), b.ynorm.data(), rows, scale,
@@ -114,7 +129,7 @@ void tile_logits(const PackedRefs& p, RowBlock& b, index_t r0, index_t rows, ind
     if (exclude_self) {
         const index_t c0 = t * p.tb, c1 = c0 + len;
         for (index_t r = 0; r < rows; ++r) {
-            const index_t g = r0 + r;
+            const index_t g = b.self[r];
             if (g < c0 || g >= c1) continue;
             double* row = b.logits.data() + r * p.ld;
             row[g - c0] = kNegInf;
@@ -141,6 +156,71 @@ struct Lse {
     }
     double value() const { return max + std::log(sum); }
 };
+
+// A locality order for top-k: references and queries sorted along a Z-order
+// (Morton) curve over the two features with the widest range, and each block
+// of queries starting its sweep at the tile where its first query would sit.
+// Near neighbours then come first, so the selection threshold is almost final
+// after one tile and few later candidates pass it.
+struct Order {
+    std::vector<index_t> refs;      // packed position -> reference index
+    std::vector<index_t> position;  // reference index -> packed position
+    std::vector<index_t> queries;   // processing position -> query row
+    std::vector<index_t> start;     // per block of kRows queries: first tile
+};
+
+template <class T>
+Order locality_order(const Args& a, index_t tb) {
+    const T* x = static_cast<const T*>(a.x);
+    const T* y = static_cast<const T*>(a.y);
+    const index_t n = a.n, m = a.m, d = a.d;
+    std::vector<double> lo(static_cast<std::size_t>(d), std::numeric_limits<double>::infinity());
+    std::vector<double> hi(static_cast<std::size_t>(d), -std::numeric_limits<double>::infinity());
+    for (index_t i = 0; i < n; ++i)
+        for (index_t k = 0; k < d; ++k) {
+            const double v = static_cast<double>(x[i * d + k]);
+            lo[k] = std::min(lo[k], v);
+            hi[k] = std::max(hi[k], v);
+        }
+    index_t f[2] = {0, 0};  // the two widest features (the same one twice when d == 1)
+    for (index_t k = 1; k < d; ++k)
+        if (hi[k] - lo[k] > hi[f[0]] - lo[f[0]]) f[0] = k;
+    f[1] = f[0] == 0 && d > 1 ? 1 : 0;
+    for (index_t k = 0; k < d; ++k)
+        if (k != f[0] && hi[k] - lo[k] > hi[f[1]] - lo[f[1]]) f[1] = k;
+    const auto key = [&](const T* row) {
+        std::uint32_t q[2];
+        for (int c = 0; c < 2; ++c) {
+            const double w = hi[f[c]] - lo[f[c]];
+            const double u = w > 0.0 ? (static_cast<double>(row[f[c]]) - lo[f[c]]) / w : 0.0;
+            q[c] = static_cast<std::uint32_t>(std::clamp(u, 0.0, 1.0) * 65535.0);
+        }
+        std::uint32_t z = 0;
+        for (int bit = 0; bit < 16; ++bit) z |= ((q[0] >> bit & 1u) << (2 * bit)) | ((q[1] >> bit & 1u) << (2 * bit + 1));
+        return z;
+    };
+    const auto sorted = [&](const T* pts, index_t count, std::vector<std::uint32_t>& keys) {
+        std::vector<std::pair<std::uint32_t, index_t>> kv(static_cast<std::size_t>(count));
+        for (index_t i = 0; i < count; ++i) kv[static_cast<std::size_t>(i)] = {key(pts + i * d), i};
+        std::sort(kv.begin(), kv.end());
+        std::vector<index_t> perm(static_cast<std::size_t>(count));
+        keys.resize(static_cast<std::size_t>(count));
+        for (std::size_t i = 0; i < kv.size(); ++i) keys[i] = kv[i].first, perm[i] = kv[i].second;
+        return perm;
+    };
+    Order o;
+    std::vector<std::uint32_t> xkeys, ykeys;
+    o.refs = sorted(x, n, xkeys);
+    o.position.resize(static_cast<std::size_t>(n));
+    for (index_t i = 0; i < n; ++i) o.position[static_cast<std::size_t>(o.refs[static_cast<std::size_t>(i)])] = i;
+    o.queries = sorted(y, m, ykeys);
+    const index_t ntiles = (n + tb - 1) / tb;
+    for (index_t r0 = 0; r0 < m; r0 += kRows) {
+        const auto at = std::lower_bound(xkeys.begin(), xkeys.end(), ykeys[static_cast<std::size_t>(r0)]);
+        o.start.push_back(std::min<index_t>((at - xkeys.begin()) / tb, ntiles - 1));
+    }
+    return o;
+}
 
 // Run body(state, block) over blocks [0, nblocks) on `threads` threads.
 // Exceptions are captured inside the region and rethrown after it; a stop
@@ -180,17 +260,20 @@ void parallel_blocks(index_t nblocks, int threads, Control& ctl, MakeState make_
 // visit_tile(block, r0, rows, t), then finish(block, r0, rows).
 template <class T, class State, class MakeState, class Visit, class Finish>
 void over_query_blocks(const Args& a, const PackedRefs& p, Control& ctl, MakeState make_state,
-                       Visit visit_tile, Finish finish) {
+                       Visit visit_tile, Finish finish, const Order* order = nullptr) {
     const T* y = static_cast<const T*>(a.y);
     const index_t nblocks = (a.m + kRows - 1) / kRows;
     parallel_blocks<State>(
         nblocks, a.threads, ctl, make_state,
         [&](State& s, index_t b) {
             const index_t r0 = b * kRows, rows = std::min(kRows, a.m - r0);
-            s.block.load(y, r0, rows, a.d, p.shift());
+            s.block.load(y, r0, rows, a.d, p.shift(), order ? order->queries.data() : nullptr,
+                         order && a.exclude_self ? order->position.data() : nullptr);
             s.reset(rows);
-            for (index_t t = 0; t < p.ntiles; ++t) {
-                tile_logits(p, s.block, r0, rows, t, a.scale, a.exclude_self);
+            const index_t t0 = order ? order->start[static_cast<std::size_t>(b)] : 0;
+            for (index_t i = 0; i < p.ntiles; ++i) {
+                const index_t t = (t0 + i) % p.ntiles;
+                tile_logits(p, s.block, rows, t, a.scale, a.exclude_self);
                 visit_tile(s, r0, rows, t);
             }
             finish(s, r0, rows);
@@ -282,16 +365,11 @@ struct TopKState : NormState<T> {
     std::vector<TopK> heaps;  // the k best entries of each row
     std::vector<TopK> bound;  // the k best 16-column blocks of each row, by their maxima
     std::vector<double> maxima, cand;
-    struct Visit {
-        index_t block, row;
-    };
-    std::vector<Visit> visits, sorted;  // candidate blocks of the rows, then by tile
-    std::vector<index_t> starts;        // ntiles + 1 counters of the sort by tile
-    TopKState(index_t d, index_t ld, index_t k, index_t ntiles)
-        : NormState<T>(d, ld), heaps(kRows, TopK(k, 16)), bound(kRows, TopK(k, ld / 16 + 1)), maxima(ld / 16 + 1),
-          cand(64), starts(static_cast<std::size_t>(ntiles + 1)) {
-        visits.reserve(static_cast<std::size_t>(kRows * k));
-    }
+    std::vector<std::int64_t> rank;  // of the kept blocks, best maximum first
+    std::vector<std::size_t> order;
+    TopKState(index_t d, index_t ld, index_t k)
+        : NormState<T>(d, ld), heaps(kRows, TopK(k, 16)), bound(kRows, TopK(k, ld / 16 + 1, /*keep_ties=*/true)),
+          maxima(ld / 16 + 1), cand(64) {}
     void reset(index_t rows) {
         NormState<T>::reset(rows);
         for (auto& h : heaps) h.reset();
@@ -303,18 +381,19 @@ struct TopKState : NormState<T> {
 template <class T>
 void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, Control& ctl) {
     ctl.set_total(a.m * a.n);
-    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads);
+    const Order order = locality_order<T>(a, tile_length(a.n, a.d, a.tile));
+    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, order.refs.data());
     // One pass over the references streams the normaliser and keeps, per row,
-    // the k 16-column blocks with the largest maxima. The k best entries all
-    // lie in those blocks: the k-th largest block maximum L is a lower bound
-    // on the k-th best entry (k distinct blocks reach it), every entry at or
-    // above L sits in a block whose maximum is >= L, and among blocks tied at
-    // L the kept ones come first in column order, as do their tied entries.
-    // So only those <= k blocks are recomputed, with the same leaf and hence
-    // bit for bit the same values, and searched for the k best.
+    // the 16-column blocks whose maxima are among the k largest, ties at the
+    // k-th value L included. L is a lower bound on the k-th best entry (k
+    // distinct blocks reach it), and every entry at or above L sits in a block
+    // whose maximum is >= L, so the k best (ties broken by index) all lie in
+    // the kept blocks. Only those are recomputed, with the same arithmetic
+    // and hence bit for bit the same values, and searched for the k best.
     const index_t per_tile = p.ld / 16;  // block ids: t * per_tile + column / 16
+    const index_t* refs = order.refs.data();
     over_query_blocks<T, TopKState<T>>(
-        a, p, ctl, [&] { return TopKState<T>(a.d, p.ld, k, p.ntiles); },
+        a, p, ctl, [&] { return TopKState<T>(a.d, p.ld, k); },
         [&](TopKState<T>& s, index_t, index_t rows, index_t t) {
             for (index_t r = 0; r < rows; ++r) {
                 const double* v = s.block.logits.data() + r * p.ld;
@@ -323,45 +402,48 @@ void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, 
                 s.bound[r].offer(s.maxima.data(), nb, t * per_tile);
             }
         },
-        [&](TopKState<T>& s, index_t r0, index_t rows) {
-            // The rows' candidate blocks, visited tile by tile (a counting
-            // sort), so that each tile is brought into cache once.
-            s.visits.clear();
+        [&](TopKState<T>& s, index_t, index_t rows) {
+            // Each row's candidate blocks, best maximum first, four per leaf
+            // call; once the row's k-th best so far exceeds the next block's
+            // maximum, no later block can contribute.
             for (index_t r = 0; r < rows; ++r) {
-                s.heaps[r].seed(s.bound[r].kth_value());
-                const std::size_t nb = s.bound[r].keep_best();
-                for (std::size_t i = 0; i < nb; ++i) s.visits.push_back({s.bound[r].index(i), r});
-            }
-            std::fill(s.starts.begin(), s.starts.end(), 0);
-            for (const auto& v : s.visits) ++s.starts[static_cast<std::size_t>(v.block / per_tile + 1)];
-            for (std::size_t t = 1; t < s.starts.size(); ++t) s.starts[t] += s.starts[t - 1];
-            s.sorted.resize(s.visits.size());
-            for (const auto& v : s.visits) s.sorted[static_cast<std::size_t>(s.starts[static_cast<std::size_t>(v.block / per_tile)]++)] = v;
-            for (std::size_t i0 = 0; i0 < s.sorted.size(); i0 += 4) {
-                const index_t n = std::min<index_t>(4, static_cast<index_t>(s.sorted.size() - i0));
-                const double *xt[4], *xn[4], *y[4];
-                double yn[4];
-                for (index_t i = 0; i < n; ++i) {
-                    const auto& v = s.sorted[i0 + static_cast<std::size_t>(i)];
-                    const index_t t = v.block / per_tile, c0 = (v.block % per_tile) * 16;
-                    xt[i] = p.tile(t) + c0;
-                    xn[i] = p.expand ? p.norm(t) + c0 : nullptr;
-                    y[i] = s.block.y.data() + v.row * a.d;
-                    yn[i] = s.block.ynorm[static_cast<std::size_t>(v.row)];
-                }
-                logits_visits(xt, p.expand ? xn : nullptr, p.ld, a.d, y, yn, n, a.scale, s.cand.data());
-                for (index_t i = 0; i < n; ++i) {
-                    const auto& v = s.sorted[i0 + static_cast<std::size_t>(i)];
-                    const index_t t = v.block / per_tile, c0 = (v.block % per_tile) * 16;
-                    const index_t len = std::min<index_t>(16, p.len(t) - c0);
-                    double* vals = s.cand.data() + 16 * i;
-                    const index_t self = r0 + v.row - t * p.tb - c0;
-                    if (a.exclude_self && self >= 0 && self < len) vals[self] = kNegInf;
-                    s.heaps[v.row].offer(vals, len, t * p.tb + c0);
+                TopK& best = s.heaps[r];
+                TopK& bound = s.bound[r];
+                best.seed(bound.kth_value());
+                const std::size_t nb = bound.keep_best();
+                s.rank.resize(nb);
+                s.order.resize(nb);
+                bound.rank_into(s.rank.data());
+                for (std::size_t i = 0; i < nb; ++i) s.order[static_cast<std::size_t>(s.rank[i])] = i;
+                const double* y = s.block.y.data() + r * a.d;
+                for (std::size_t i0 = 0; i0 < nb; i0 += 4) {
+                    const double *xt[4], *xn[4], *ys[4] = {y, y, y, y};
+                    const double yn[4] = {s.block.ynorm[r], s.block.ynorm[r], s.block.ynorm[r], s.block.ynorm[r]};
+                    index_t c0s[4], ts[4], n = 0;
+                    for (; n < 4 && i0 + n < nb; ++n) {
+                        const std::size_t e = s.order[i0 + n];
+                        if (bound.value(e) < best.threshold()) break;
+                        const index_t id = bound.index(e);
+                        ts[n] = id / per_tile;
+                        c0s[n] = (id % per_tile) * 16;
+                        xt[n] = p.tile(ts[n]) + c0s[n];
+                        xn[n] = p.expand ? p.norm(ts[n]) + c0s[n] : nullptr;
+                    }
+                    if (n == 0) break;
+                    logits_visits(xt, p.expand ? xn : nullptr, p.ld, a.d, ys, yn, n, a.scale, s.cand.data());
+                    for (index_t i = 0; i < n; ++i) {
+                        const index_t t = ts[i], c0 = c0s[i];
+                        const index_t len = std::min<index_t>(16, p.len(t) - c0);
+                        double* vals = s.cand.data() + 16 * i;
+                        const index_t self = s.block.self[r] - t * p.tb - c0;
+                        if (a.exclude_self && self >= 0 && self < len) vals[self] = kNegInf;
+                        best.offer(vals, len, refs + t * p.tb + c0);
+                    }
+                    if (n < 4) break;
                 }
             }
             for (index_t r = 0; r < rows; ++r) {
-                const index_t g = r0 + r;
+                const index_t g = s.block.orig[r];
                 TopK& best = s.heaps[r];
                 const double ln = s.lse[r].value();
                 log_norm[g] = static_cast<T>(ln);
@@ -372,7 +454,8 @@ void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, 
                     log_prob[g * k + j] = static_cast<T>(e.first - ln);
                 }
             }
-        });
+        },
+        &order);
 }
 
 namespace {
@@ -402,8 +485,8 @@ void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
             std::fill(s.s2.begin(), s.s2.end(), 0.0);
             for (index_t r0 = 0; r0 < n; r0 += kRows) {
                 const index_t rows = std::min(kRows, n - r0);
-                s.block.load(x, r0, rows, d, p.shift());
-                tile_logits(p, s.block, r0, rows, t, a.scale, a.exclude_self, /*with_max=*/false);
+                s.block.load(x, r0, rows, d, p.shift(), nullptr, nullptr);
+                tile_logits(p, s.block, rows, t, a.scale, a.exclude_self, /*with_max=*/false);
                 accumulate_targets(s.block.logits.data(), p.ld, lnorm.data() + r0, s.block.y.data(),
                                    s.block.ynorm.data(), rows, d, s.w.data(), s.s1t.data(), s.s2.data(), T{});
             }

@@ -43,11 +43,13 @@ typedef double v8d __attribute__((vector_size(64)));
     y3 = y + (r0 + (nr > 3 ? 3 : nr - 1)) * d;
 }
 
-// Sums of squared differences of R rows (ys) against the 16 columns at xt:
-// acc[r][h] holds columns 8h .. 8h + 7. Shared by the block-of-four and the
-// single-row leaves so that both give the same value, bit for bit.
-template <int R>
-[[gnu::always_inline]] static inline void direct_sums(const double* xt, index_t ld, index_t d,
+// For R rows (ys) against the 16 columns at xt (row stride ld), sums over
+// the d features of squared differences (Expand false) or of products
+// (Expand true): acc[r][h] holds columns 8h .. 8h + 7. Shared by the
+// block-of-four leaves and the single-visit case so that all give the same
+// value, bit for bit.
+template <int R, bool Expand>
+[[gnu::always_inline]] static inline void column_sums(const double* xt, index_t ld, index_t d,
                                                       const double* const* ys, v8d (&acc)[R][2]) {
     // local accumulators, indexed only by unrolled constants: kept in registers
     v8d a[R][2];
@@ -57,29 +59,14 @@ template <int R>
         const v8d x0 = load8(xt), x1 = load8(xt + 8);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
-            const v8d e0 = x0 - ys[r][k], e1 = x1 - ys[r][k];
-            a[r][0] += e0 * e0;
-            a[r][1] += e1 * e1;
-        }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[r][0] = a[r][0], acc[r][1] = a[r][1];
-}
-
-// Dot products of R rows (ys) with the 16 columns at xt, as above.
-template <int R>
-[[gnu::always_inline]] static inline void dot_sums(const double* xt, index_t ld, index_t d,
-                                                   const double* const* ys, v8d (&acc)[R][2]) {
-    // local accumulators, indexed only by unrolled constants: kept in registers
-    v8d a[R][2];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = v8d{};
-    for (index_t k = 0; k < d; ++k, xt += ld) {
-        const v8d x0 = load8(xt), x1 = load8(xt + 8);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-            a[r][0] += ys[r][k] * x0;
-            a[r][1] += ys[r][k] * x1;
+            if constexpr (Expand) {
+                a[r][0] += ys[r][k] * x0;
+                a[r][1] += ys[r][k] * x1;
+            } else {
+                const v8d e0 = x0 - ys[r][k], e1 = x1 - ys[r][k];
+                a[r][0] += e0 * e0;
+                a[r][1] += e1 * e1;
+            }
         }
     }
 #pragma GCC unroll 4
@@ -114,7 +101,7 @@ void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const 
         const double* ys[kBlockRows] = {y0, y1, y2, y3};
         for (index_t j0 = 0; j0 < cols; j0 += 16) {
             v8d acc[kBlockRows][2];
-            direct_sums<kBlockRows>(xt + j0, ld, d, ys, acc);
+            column_sums<kBlockRows, false>(xt + j0, ld, d, ys, acc);
             for (index_t r = 0; r < nr; ++r) {
                 double* o = out + (r0 + r) * cols + j0;
                 v8d v0 = acc[r][0] * -scale, v1 = acc[r][1] * -scale;
@@ -152,7 +139,7 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t co
             four_rows(y, d, r0, nr, y0, y1, y2, y3);
             const double* ys[kBlockRows] = {y0, y1, y2, y3};
             v8d acc[kBlockRows][2];
-            dot_sums<kBlockRows>(xt + j0, ld, d, ys, acc);
+            column_sums<kBlockRows, true>(xt + j0, ld, d, ys, acc);
             for (index_t r = 0; r < nr; ++r) {
                 double* o = out + (r0 + r) * cols + j0;
                 expand_store(acc[r], ynorm[r0 + r], xn0, xn1, scale, o);

@@ -62,10 +62,12 @@ class TopK {
 public:
     using Entry = std::pair<double, std::int64_t>;
 
-    // Keeps the best k of the values offered, in runs of at most `stride`.
-    TopK(std::int64_t k, std::int64_t stride)
-        : k_(static_cast<std::size_t>(k)), val_(2 * k_), idx_(2 * k_), scratch_(2 * k_), scratch2_(2 * k_), ties_(2 * k_),
-          pos_(static_cast<std::size_t>(stride)) {}
+    // Keeps the best k of the values offered, in runs of at most `stride`;
+    // with keep_ties, also every entry tied with the k-th best value.
+    TopK(std::int64_t k, std::int64_t stride, bool keep_ties = false)
+        : k_(static_cast<std::size_t>(k)), keep_ties_(keep_ties), pos_(static_cast<std::size_t>(stride)) {
+        grow(2 * k_);
+    }
 
     void reset() {
         n_ = 0;
@@ -83,26 +85,26 @@ public:
         return thr_;
     }
 
-    // Offer the columns of one tile (len <= the tile stride given at
-    // construction) whose first global index is `base`.
-    void offer(const double* v, std::int64_t len, std::int64_t base) {
-        const std::int64_t found = positions_at_least(v, len, thr_, pos_.data());
-        for (std::int64_t i = 0; i < found; ++i) {
-            const double x = v[pos_[static_cast<std::size_t>(i)]];
-            // the threshold may have risen since the scan; -inf is an excluded self term
-            if (x < thr_ || x == -std::numeric_limits<double>::infinity()) continue;
-            val_[n_] = x;
-            idx_[n_] = base + pos_[static_cast<std::size_t>(i)];
-            if (++n_ == 2 * k_) shrink();
-        }
-    }
+    // Offer a run of values (len <= the stride given at construction): entry
+    // j has index base + j, or ids[j] when ids is given.
+    void offer(const double* v, std::int64_t len, std::int64_t base) { offer_run(v, len, base, nullptr); }
+    void offer(const double* v, std::int64_t len, const std::int64_t* ids) { offer_run(v, len, 0, ids); }
 
-    // Keep only the best min(k, offered) entries; returns how many there are.
+    // Keep only the best entries (see the constructor); returns how many.
     std::size_t keep_best() {
         shrink();
         return n_;
     }
     std::int64_t index(std::size_t i) const { return idx_[i]; }
+    double value(std::size_t i) const { return val_[i]; }
+
+    // Nothing below this value can still enter.
+    double threshold() const { return thr_; }
+
+    // rank[i] = place of kept entry i from best to worst (room for keep_best()).
+    void rank_into(std::int64_t* rank) const {
+        rank_order(val_.data(), idx_.data(), static_cast<std::int64_t>(n_), rank);
+    }
 
     // The best k entries, from best to worst.
     const std::vector<Entry>& sorted() {
@@ -114,10 +116,44 @@ public:
     }
 
 private:
+    void offer_run(const double* v, std::int64_t len, std::int64_t base, const std::int64_t* ids) {
+        const std::int64_t found = positions_at_least(v, len, thr_, pos_.data());
+        for (std::int64_t i = 0; i < found; ++i) {
+            const std::int32_t j = pos_[static_cast<std::size_t>(i)];
+            const double x = v[j];
+            // the threshold may have risen since the scan; -inf is an excluded self term
+            if (x < thr_ || x == -std::numeric_limits<double>::infinity()) continue;
+            val_[n_] = x;
+            idx_[n_] = ids ? ids[j] : base + j;
+            if (++n_ == val_.size()) shrink();
+        }
+    }
+
+    void grow(std::size_t cap) {
+        val_.resize(cap);
+        idx_.resize(cap);
+        scratch_.resize(cap);
+        scratch2_.resize(cap);
+        ties_.resize(cap);
+    }
+
     void shrink() {
         if (n_ <= k_) return;
         std::copy(val_.begin(), val_.begin() + static_cast<std::ptrdiff_t>(n_), scratch_.begin());
         const double kth = kth_largest(scratch_.data(), scratch2_.data(), n_, k_ - 1);
+        thr_ = kth;  // entries below the k-th best can never enter
+        if (keep_ties_) {
+            // keep everything at or above the k-th value; room for as many again
+            std::size_t m = 0;
+            for (std::size_t i = 0; i < n_; ++i) {
+                val_[m] = val_[i];
+                idx_[m] = idx_[i];
+                m += val_[i] >= kth;
+            }
+            n_ = m;
+            if (2 * n_ > val_.size()) grow(2 * n_);
+            return;
+        }
         // Keep everything above the k-th value, in place; set aside the
         // indices of the entries equal to it (at least one).
         std::size_t m = 0, t = 0;
@@ -139,10 +175,10 @@ private:
             idx_[m] = ties_[i];
         }
         n_ = k_;
-        thr_ = kth;  // entries below the k-th best can never enter
     }
 
     std::size_t k_, n_ = 0;
+    bool keep_ties_;
     std::vector<double> val_;
     std::vector<std::int64_t> idx_;
     std::vector<double> scratch_, scratch2_;
