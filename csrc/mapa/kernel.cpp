@@ -397,8 +397,11 @@ void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, 
         [&](TopKState<T>& s, index_t, index_t rows, index_t t) {
             for (index_t r = 0; r < rows; ++r) {
                 const double* v = s.block.logits.data() + r * p.ld;
-                const index_t nb = block_max16(v, p.len(t), s.maxima.data());
                 s.lse[r].update(v, p.len(t), s.block.tmax[r]);
+                // a tile whose maximum is below the bound's threshold has no
+                // block that could enter; with the locality order most are
+                if (s.block.tmax[r] < s.bound[r].threshold()) continue;
+                const index_t nb = block_max16(v, p.len(t), s.maxima.data());
                 s.bound[r].offer(s.maxima.data(), nb, t * per_tile);
             }
         },

@@ -125,7 +125,14 @@ private:
             if (x < thr_ || x == -std::numeric_limits<double>::infinity()) continue;
             val_[n_] = x;
             idx_[n_] = ids ? ids[j] : base + j;
-            if (++n_ == val_.size()) shrink();
+            if (++n_ == k_) {
+                // the first k entries at or above the threshold are the k best
+                // so far: their minimum is a threshold, without a selection
+                const double low = *std::min_element(val_.begin(), val_.begin() + static_cast<std::ptrdiff_t>(k_));
+                thr_ = std::max(thr_, low);
+            } else if (n_ == val_.size()) {
+                shrink();
+            }
         }
     }
 
