@@ -231,6 +231,32 @@ def test_far_query_has_finite_correct_normaliser(backend, dtype):
     check_topk(mapa.log_posterior_topk(X, Y, bandwidth=h, k=3, backend=backend), X, Y, h, 3, dtype)
 
 
+@pytest.mark.parametrize(
+    "dtype, logit",
+    # per dtype: a nearest neighbour well inside the exponential's range, and
+    # one so far that its row is redone with a running maximum
+    [(np.float32, -60.0), (np.float32, -75.0), (np.float64, -600.0), (np.float64, -720.0)],
+)
+def test_exclude_self_tiny_row_sums(backend, dtype, logit):
+    # Point 0 is alone; its nearest neighbour sits at logit `logit`, far below
+    # the others' self-free maxima. Its normaliser must still be exact, on the
+    # symmetric path (each pair once, no running maximum) and on the redo.
+    rng = np.random.default_rng(3)
+    h = 1.0
+    X = rng.standard_normal((40, 2))
+    X[0] = X[1] + [math.sqrt(-2.0 * logit) * h, 0.0]
+    # the rest well away from point 0 (its row: one term near `logit`)
+    near = np.linalg.norm(X[2:] - X[0], axis=1) < np.linalg.norm(X[0] - X[1]) + 1.0
+    X[2:][near] -= 30.0
+    X = X.astype(dtype)
+    ref = ref_log_normalizer(X, X, h, exclude_self=True)
+    assert ref[0] < logit + 1.0
+    lnorm = mapa.log_normalizer(X, bandwidth=h, exclude_self=True, backend=backend, block_size=16)
+    assert_lognorm_close(lnorm, ref, dtype)
+    tg = mapa.posterior_targets(X, bandwidth=h, exclude_self=True, backend=backend, block_size=16)
+    check_targets(tg, X, h, dtype, exclude_self=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_isolated_point_with_exclude_self(backend, dtype):
     # An outlier far from the others: with the self term excluded its column

@@ -41,7 +41,8 @@ struct PackedRefs {
 
 index_t tile_length(index_t n, index_t d, index_t tile) {
     // A requested tile longer than the data would only waste memory.
-    return tile > 0 ? std::min(tile, (n + kTileAlign - 1) / kTileAlign * kTileAlign) : default_tile(n, d);
+    return tile > 0 ? std::min({tile, kMaxTile, (n + kTileAlign - 1) / kTileAlign * kTileAlign})
+                    : default_tile(n, d);
 }
 
 // `perm` (or nullptr): packed position i holds reference perm[i].
@@ -224,10 +225,13 @@ Order locality_order(const Args& a, index_t tb) {
 
 // Run body(state, block) over blocks [0, nblocks) on `threads` threads.
 // Exceptions are captured inside the region and rethrown after it; a stop
-// request from the poll callback ends the loop at the next block.
+// request from the poll callback ends the loop at the next block. With
+// fixed_schedule, thread i takes blocks i, i + threads, ... (results that
+// depend on which thread did what are then reproducible); otherwise blocks
+// go to whichever thread is free.
 template <class State, class MakeState, class Body, class Units>
-void parallel_blocks(index_t nblocks, int threads, Control& ctl, MakeState make_state, Body body,
-                     Units units) {
+void parallel_blocks(index_t nblocks, int threads, Control& ctl, MakeState make_state, Body body, Units units,
+                     bool fixed_schedule = false) {
 #pragma omp parallel num_threads(threads)
     {
         std::optional<State> state;
@@ -241,15 +245,21 @@ void parallel_blocks(index_t nblocks, int threads, Control& ctl, MakeState make_
 #else
         const bool master = true;
 #endif
-#pragma omp for schedule(dynamic, 1)
-        for (index_t b = 0; b < nblocks; ++b) {
-            if (ctl.stopped() || !state) continue;
+        const auto one = [&](index_t b) {
+            if (ctl.stopped() || !state) return;
             try {
                 body(*state, b);
             } catch (...) {
                 ctl.capture(std::current_exception());
             }
             ctl.advance(units(b), master);
+        };
+        if (fixed_schedule) {
+#pragma omp for schedule(static, 1)
+            for (index_t b = 0; b < nblocks; ++b) one(b);
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (index_t b = 0; b < nblocks; ++b) one(b);
         }
     }
     ctl.rethrow();
@@ -291,8 +301,9 @@ struct NormState {
     }
 };
 
+// With an order, out[i] belongs to query row order->queries[i].
 template <class T, class Out>
-void normalizer_into(const Args& a, const PackedRefs& p, Out* out, Control& ctl) {
+void normalizer_into(const Args& a, const PackedRefs& p, Out* out, Control& ctl, const Order* order = nullptr) {
     over_query_blocks<T, NormState<T>>(
         a, p, ctl, [&] { return NormState<T>(a.d, p.ld); },
         [&](NormState<T>& s, index_t, index_t rows, index_t t) {
@@ -301,7 +312,81 @@ void normalizer_into(const Args& a, const PackedRefs& p, Out* out, Control& ctl)
         },
         [&](NormState<T>& s, index_t r0, index_t rows) {
             for (index_t r = 0; r < rows; ++r) out[r0 + r] = static_cast<Out>(s.lse[r].value());
-        });
+        },
+        order);
+}
+
+// Queries are the references themselves (Y is X).
+bool self_queries(const Args& a) { return a.y == a.x && a.m == a.n; }
+
+// log-normalisers of the references as their own queries, in double, with
+// each unordered pair's distance and exponential computed once: work unit
+// (ta, tb), ta <= tb, takes the rows of tile ta against the columns of tile
+// tb and adds exp(logit) to both the row's and the column's sum (to the
+// row's only on the diagonal ta == tb, which meets both orders). No running
+// maximum is needed: every logit is <= 0 and, with the self term, each row's
+// maximum is exactly 0. Only with exclude_self can a row's sum be so small
+// that terms were lost below the exponential's range; such rows (isolated
+// points) are redone with the streaming maximum.
+template <class T>
+void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& ctl) {
+    const index_t n = a.n, nt = p.ntiles;
+    std::vector<std::pair<index_t, index_t>> units;
+    for (index_t ta = 0; ta < nt; ++ta)
+        for (index_t tb = ta; tb < nt; ++tb) units.emplace_back(ta, tb);
+    const int threads = a.threads;
+    std::vector<double> sums(static_cast<std::size_t>(threads * n), 0.0);  // one row of n per thread
+    struct State {
+        RowBlock block;
+        double* sum;
+    };
+    const T* x = static_cast<const T*>(a.x);
+    parallel_blocks<State>(
+        static_cast<index_t>(units.size()), threads, ctl,
+        [&] {
+#ifdef _OPENMP
+            const index_t me = omp_get_thread_num();
+#else
+            const index_t me = 0;
+#endif
+            return State{RowBlock(a.d, p.ld), sums.data() + me * n};
+        },
+        [&](State& s, index_t u) {
+            const auto [ta, tb] = units[static_cast<std::size_t>(u)];
+            const index_t len = p.len(tb);
+            double* col = ta == tb ? nullptr : s.sum + tb * p.tb;
+            for (index_t r0 = ta * p.tb; r0 < ta * p.tb + p.len(ta); r0 += kRows) {
+                const index_t rows = std::min(kRows, ta * p.tb + p.len(ta) - r0);
+                s.block.load(x, r0, rows, a.d, p.shift(), nullptr, nullptr);
+                tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
+                exp_sums(s.block.logits.data(), p.ld, rows, len, s.sum + r0, col, T{});
+            }
+        },
+        [&](index_t u) {
+            const auto [ta, tb] = units[static_cast<std::size_t>(u)];
+            return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2);
+        },
+        /*fixed_schedule=*/true);  // each thread's sums, hence the result, reproducible
+    // Terms below exp's range are flushed to 0 (float: e^-87, double: e^-708);
+    // a sum of at least n * 2^-100 (2^-960) leaves them below 2^-26 (2^-61)
+    // of it.
+    const double floor = n * (std::is_same_v<T, float> ? std::ldexp(1.0, -100) : std::ldexp(1.0, -960));
+    Order redo;
+    for (index_t i = 0; i < n; ++i) {
+        double total = 0.0;
+        for (int t = 0; t < threads; ++t) total += sums[static_cast<std::size_t>(t * n + i)];
+        out[i] = std::log(total);
+        if (total < floor) redo.queries.push_back(i);
+    }
+    if (redo.queries.empty()) return;
+    Args b = a;
+    b.m = static_cast<index_t>(redo.queries.size());
+    redo.position.resize(static_cast<std::size_t>(n));
+    for (index_t i = 0; i < n; ++i) redo.position[static_cast<std::size_t>(i)] = i;
+    redo.start.assign(static_cast<std::size_t>((b.m + kRows - 1) / kRows), 0);
+    std::vector<double> again(static_cast<std::size_t>(b.m));
+    normalizer_into<T>(b, p, again.data(), ctl, &redo);
+    for (std::size_t i = 0; i < again.size(); ++i) out[redo.queries[i]] = again[i];
 }
 
 }  // namespace
@@ -310,7 +395,7 @@ index_t default_tile(index_t n, index_t d) {
     // Keep a packed tile (d * tb doubles) within about 16 KiB, half of L1, for the
     // direct path; the expansion path streams longer rows from L2.
     index_t tb = d > kDirectMaxFeatures ? 128 : std::max<index_t>(64, 2048 / std::max<index_t>(d, 1));
-    tb = std::min<index_t>(tb, 1024);
+    tb = std::min<index_t>(tb, kMaxTile);
     tb = (tb + kTileAlign - 1) / kTileAlign * kTileAlign;
     // Small problems: no tile longer than the data (rounded to the stride).
     const index_t nr = (n + kTileAlign - 1) / kTileAlign * kTileAlign;
@@ -321,7 +406,10 @@ template <class T>
 void log_normalizer(const Args& a, T* out, Control& ctl) {
     ctl.set_total(a.m * a.n);
     const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads);
-    normalizer_into<T>(a, p, out, ctl);
+    if (!self_queries(a)) return normalizer_into<T>(a, p, out, ctl);
+    std::vector<double> ln(static_cast<std::size_t>(a.n));
+    self_normalizer<T>(a, p, ln.data(), ctl);
+    for (index_t i = 0; i < a.n; ++i) out[i] = static_cast<T>(ln[static_cast<std::size_t>(i)]);
 }
 
 namespace {
@@ -336,6 +424,22 @@ template <class T>
 void log_posterior(const Args& a, T* out, Control& ctl) {
     ctl.set_total(a.m * a.n);
     const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads);
+    if (self_queries(a)) {
+        // The normalisers first (each pair once), then every entry is
+        // written once, final, as its logit minus the row's normaliser.
+        ctl.set_total(2 * a.m * a.n);
+        std::vector<double> ln(static_cast<std::size_t>(a.n));
+        self_normalizer<T>(a, p, ln.data(), ctl);
+        over_query_blocks<T, NormState<T>>(
+            a, p, ctl, [&] { return NormState<T>(a.d, p.ld); },
+            [&](NormState<T>& s, index_t r0, index_t rows, index_t t) {
+                for (index_t r = 0; r < rows; ++r)
+                    store_shifted(s.block.logits.data() + r * p.ld, p.len(t), ln[static_cast<std::size_t>(r0 + r)],
+                                  out + (r0 + r) * a.n + t * p.tb);
+            },
+            [](NormState<T>&, index_t, index_t) {});
+        return;
+    }
     // Each tile is stored relative to the row's running max at that time;
     // the exact normaliser is folded in once the row is complete, in double.
     over_query_blocks<T, DenseState<T>>(
@@ -476,7 +580,7 @@ void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
     const PackedRefs p = pack(static_cast<const T*>(a.x), n, d, a.tile, a.threads);
     // Pass 1: exact log-normaliser of every row, kept in double.
     std::vector<double> lnorm(static_cast<std::size_t>(n));
-    normalizer_into<T>(a, p, lnorm.data(), ctl);
+    self_normalizer<T>(a, p, lnorm.data(), ctl);
     // Pass 2: one reference tile per unit of work, so each thread owns the
     // rows of w, s1 and s2 it writes; queries stream through in blocks.
     const T* x = static_cast<const T*>(a.x);

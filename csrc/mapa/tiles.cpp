@@ -325,6 +325,37 @@ void add_offset(float* dst, index_t len, double offset) {
 }
 
 template <class E>
+[[gnu::always_inline]] static inline void exp_sums_impl(const double* v, index_t ld, index_t rows, index_t len,
+                                                       double* rowsum, double* colsum) {
+    // Exponentials first, in their own loop, at their natural width; each
+    // row's sum over at most one tile in E, added in double; column sums in
+    // double, in row order.
+    alignas(64) E q[kMaxTile];
+    for (index_t r = 0; r < rows; ++r) {
+        const double* vr = v + r * ld;
+#pragma omp simd
+        for (index_t j = 0; j < len; ++j) q[j] = exp_nonpos(static_cast<E>(vr[j]));
+        E s = 0;
+#pragma omp simd reduction(+ : s)
+        for (index_t j = 0; j < len; ++j) s += q[j];
+        rowsum[r] += static_cast<double>(s);
+        if (!colsum) continue;
+#pragma omp simd
+        for (index_t j = 0; j < len; ++j) colsum[j] += static_cast<double>(q[j]);
+    }
+}
+
+MAPA_CLONES
+void exp_sums(const double* v, index_t ld, index_t rows, index_t len, double* rowsum, double* colsum, double) {
+    exp_sums_impl<double>(v, ld, rows, len, rowsum, colsum);
+}
+
+MAPA_CLONES
+void exp_sums(const double* v, index_t ld, index_t rows, index_t len, double* rowsum, double* colsum, float) {
+    exp_sums_impl<float>(v, ld, rows, len, rowsum, colsum);
+}
+
+template <class E>
 [[gnu::always_inline]] static inline void accumulate_targets_impl(const double* v, index_t ld,
                                                                  const double* log_norm,
                                                                  const double* y, const double* sq,

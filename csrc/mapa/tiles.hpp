@@ -69,6 +69,17 @@ void store_shifted(const double* v, index_t len, double shift, float* dst);
 void add_offset(double* dst, index_t len, double offset);
 void add_offset(float* dst, index_t len, double offset);
 
+// Longest tile any leaf accepts (default_tile never exceeds it; a requested
+// block_size is capped to it).
+constexpr index_t kMaxTile = 1024;
+
+// For rows r < rows of logits v (row stride ld, all <= 0) and q = exp(v):
+// rowsum[r] += sum_{j < len} q_rj and, unless colsum is null,
+// colsum[j] += sum_r q_rj. The last argument picks the precision of the
+// exponentials, as above.
+void exp_sums(const double* v, index_t ld, index_t rows, index_t len, double* rowsum, double* colsum, double);
+void exp_sums(const double* v, index_t ld, index_t rows, index_t len, double* rowsum, double* colsum, float);
+
 // Most query rows accumulate_targets takes at once.
 constexpr index_t kTargetRows = 16;
 
