@@ -5,7 +5,9 @@ For references X (N, D), queries Y (M, D) and bandwidth h, the MAPA posterior is
     log q(i | m) = -||y_m - x_i||^2 / (2 h^2) - log sum_j exp(-||y_m - x_j||^2 / (2 h^2)).
 
 Every function streams over blocks of references with an online-max
-log-sum-exp, so only ``log_posterior`` ever holds an (M, N) array.
+log-sum-exp, so only ``log_posterior`` ever holds an (M, N) array. When the
+queries are the references (``queries=None``) the compiled backend computes
+each unordered pair's term once, for the normalisers of all rows.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ _COMMON_DOC = """
         from the normaliser).
     backend : {"auto", "cpp", "numba", "numpy"}, default "auto"
     block_size : int, optional
-        Tile length used by the backend (results do not depend on it).
+        Tile length used by the backend (results do not depend on it beyond
+        rounding; the compiled backend caps it at 1024).
     num_threads : int, optional
         None for all cores; scikit-learn's n_jobs convention otherwise.
     progress : bool or callable, optional
