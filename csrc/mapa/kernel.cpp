@@ -165,7 +165,7 @@ struct Lse {
 // after one tile and few later candidates pass it.
 struct Order {
     std::vector<index_t> refs;      // packed position -> reference index
-    std::vector<index_t> position;  // reference index -> packed position
+    std::vector<index_t> position;  // reference index -> packed position (empty: the same)
     std::vector<index_t> queries;   // processing position -> query row
     std::vector<index_t> start;     // per block of kRows queries: first tile
 };
@@ -278,7 +278,7 @@ void over_query_blocks(const Args& a, const PackedRefs& p, Control& ctl, MakeSta
         [&](State& s, index_t b) {
             const index_t r0 = b * kRows, rows = std::min(kRows, a.m - r0);
             s.block.load(y, r0, rows, a.d, p.shift(), order ? order->queries.data() : nullptr,
-                         order && a.exclude_self ? order->position.data() : nullptr);
+                         order && !order->position.empty() ? order->position.data() : nullptr);
             s.reset(rows);
             const index_t t0 = order ? order->start[static_cast<std::size_t>(b)] : 0;
             for (index_t i = 0; i < p.ntiles; ++i) {
@@ -381,8 +381,6 @@ void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& c
     if (redo.queries.empty()) return;
     Args b = a;
     b.m = static_cast<index_t>(redo.queries.size());
-    redo.position.resize(static_cast<std::size_t>(n));
-    for (index_t i = 0; i < n; ++i) redo.position[static_cast<std::size_t>(i)] = i;
     redo.start.assign(static_cast<std::size_t>((b.m + kRows - 1) / kRows), 0);
     std::vector<double> again(static_cast<std::size_t>(b.m));
     normalizer_into<T>(b, p, again.data(), ctl, &redo);

@@ -43,22 +43,24 @@ typedef double v8d __attribute__((vector_size(64)));
     y3 = y + (r0 + (nr > 3 ? 3 : nr - 1)) * d;
 }
 
-// For R rows (ys) against the 16 columns at xt (row stride ld), sums over
+// For R rows ys[r] against 16 columns of a tile with row stride ld, sums over
 // the d features of squared differences (Expand false) or of products
-// (Expand true): acc[r][h] holds columns 8h .. 8h + 7. Shared by the
-// block-of-four leaves and the single-visit case so that all give the same
-// value, bit for bit.
-template <int R, bool Expand>
-[[gnu::always_inline]] static inline void column_sums(const double* xt, index_t ld, index_t d,
+// (Expand true): acc[r][h] holds columns 8h .. 8h + 7. Row r's columns start
+// at xs[r], or at xs[0] for every row when Shared (one load serves all rows).
+// The block-of-four leaves and the (row, block) visits both go through here,
+// so every logit is accumulated the same way, bit for bit.
+template <int R, bool Expand, bool Shared>
+[[gnu::always_inline]] static inline void column_sums(const double* const* xs, index_t ld, index_t d,
                                                       const double* const* ys, v8d (&acc)[R][2]) {
     // local accumulators, indexed only by unrolled constants: kept in registers
     v8d a[R][2];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = v8d{};
-    for (index_t k = 0; k < d; ++k, xt += ld) {
-        const v8d x0 = load8(xt), x1 = load8(xt + 8);
+    for (index_t k = 0; k < d; ++k) {
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
+            const double* xk = xs[Shared ? 0 : r] + k * ld;
+            const v8d x0 = load8(xk), x1 = load8(xk + 8);
             if constexpr (Expand) {
                 a[r][0] += ys[r][k] * x0;
                 a[r][1] += ys[r][k] * x1;
@@ -100,8 +102,9 @@ void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const 
         for (auto& m : top) m = v8d{} + kNegInf;
         const double* ys[kBlockRows] = {y0, y1, y2, y3};
         for (index_t j0 = 0; j0 < cols; j0 += 16) {
+            const double* xs[1] = {xt + j0};
             v8d acc[kBlockRows][2];
-            column_sums<kBlockRows, false>(xt + j0, ld, d, ys, acc);
+            column_sums<kBlockRows, false, true>(xs, ld, d, ys, acc);
             for (index_t r = 0; r < nr; ++r) {
                 double* o = out + (r0 + r) * cols + j0;
                 v8d v0 = acc[r][0] * -scale, v1 = acc[r][1] * -scale;
@@ -138,8 +141,9 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t co
             const double *y0, *y1, *y2, *y3;
             four_rows(y, d, r0, nr, y0, y1, y2, y3);
             const double* ys[kBlockRows] = {y0, y1, y2, y3};
+            const double* xs[1] = {xt + j0};
             v8d acc[kBlockRows][2];
-            column_sums<kBlockRows, true>(xt + j0, ld, d, ys, acc);
+            column_sums<kBlockRows, true, true>(xs, ld, d, ys, acc);
             for (index_t r = 0; r < nr; ++r) {
                 double* o = out + (r0 + r) * cols + j0;
                 expand_store(acc[r], ynorm[r0 + r], xn0, xn1, scale, o);
@@ -153,44 +157,24 @@ void logits_visits(const double* const* xt, const double* const* xnorm, index_t 
                    const double* const* y, const double* ynorm, index_t n, double scale, double* out) {
     // Up to four (row, block) visits at once: eight independent accumulator
     // chains hide the multiply-add latency that one visit alone would wait on.
-    // Each value is accumulated exactly as in the block-of-four leaves.
+    // Missing visits repeat the last one; their results are not stored.
     const int last = static_cast<int>(n) - 1;
     const int at[4] = {0, last < 1 ? last : 1, last < 2 ? last : 2, last < 3 ? last : 3};
-    v8d a[4][2];
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) a[v][0] = a[v][1] = v8d{};
-    const double *x0 = xt[at[0]], *x1 = xt[at[1]], *x2 = xt[at[2]], *x3 = xt[at[3]];
-    const double *y0 = y[at[0]], *y1 = y[at[1]], *y2 = y[at[2]], *y3 = y[at[3]];
-    const double* xs[4] = {x0, x1, x2, x3};
-    const double* ys[4] = {y0, y1, y2, y3};
+    const double* xs[4] = {xt[at[0]], xt[at[1]], xt[at[2]], xt[at[3]]};
+    const double* ys[4] = {y[at[0]], y[at[1]], y[at[2]], y[at[3]]};
+    v8d acc[4][2];
     if (xnorm) {
-        for (index_t k = 0; k < d; ++k) {
-#pragma GCC unroll 4
-            for (int v = 0; v < 4; ++v) {
-                const double* xk = xs[v] + k * ld;
-                a[v][0] += ys[v][k] * load8(xk);
-                a[v][1] += ys[v][k] * load8(xk + 8);
-            }
-        }
+        column_sums<4, true, false>(xs, ld, d, ys, acc);
     } else {
-        for (index_t k = 0; k < d; ++k) {
-#pragma GCC unroll 4
-            for (int v = 0; v < 4; ++v) {
-                const double* xk = xs[v] + k * ld;
-                const v8d e0 = load8(xk) - ys[v][k], e1 = load8(xk + 8) - ys[v][k];
-                a[v][0] += e0 * e0;
-                a[v][1] += e1 * e1;
-            }
-        }
+        column_sums<4, false, false>(xs, ld, d, ys, acc);
     }
     for (int v = 0; v < static_cast<int>(n); ++v) {
-        const v8d acc[2] = {a[v][0], a[v][1]};
         double* o = out + 16 * v;
         if (xnorm) {
-            expand_store(acc, ynorm[v], load8(xnorm[v]), load8(xnorm[v] + 8), scale, o);
+            expand_store(acc[v], ynorm[v], load8(xnorm[v]), load8(xnorm[v] + 8), scale, o);
         } else {
-            store8(o, acc[0] * -scale);
-            store8(o + 8, acc[1] * -scale);
+            store8(o, acc[v][0] * -scale);
+            store8(o + 8, acc[v][1] * -scale);
         }
     }
 }
