@@ -8,14 +8,7 @@ import torch
 from torch import nn
 
 from mapa.training import encoder_proposal, marginal_log_likelihood
-
-
-def linear(A, b):
-    net = nn.Linear(A.shape[1], A.shape[0]).double()
-    with torch.no_grad():
-        net.weight.copy_(torch.from_numpy(A))
-        net.bias.copy_(torch.from_numpy(b))
-    return net
+from training_reference import linear_decoder
 
 
 def exact_log_p(X, A, b, sigma):
@@ -35,7 +28,7 @@ def test_prior_sampling_matches_linear_gaussian_closed_form(K):
     sigma = 0.8
     X = rng.standard_normal((40, K)) @ A.T + b + sigma * rng.standard_normal((40, 3))
     # relative standard error of the prior-sampling estimate ~ 1/sqrt(S * effective fraction)
-    est = marginal_log_likelihood(linear(A, b), sigma, X, latent_dim=K, num_samples=100000, seed=0)
+    est = marginal_log_likelihood(linear_decoder(A, b), sigma, X, latent_dim=K, num_samples=100000, seed=0)
     exact = exact_log_p(X, A, b, sigma)
     assert est.shape == (40,)
     assert np.abs(est - exact).max() < 0.05
@@ -58,7 +51,7 @@ def test_importance_sampling_with_exact_posterior_is_exact():
             return mu, torch.log(torch.from_numpy(P)).expand_as(mu)
 
     X = rng.standard_normal((30, 3)) @ A.T + b + sigma * rng.standard_normal((30, 5))
-    est = marginal_log_likelihood(linear(A, b), sigma, X, latent_dim=3, num_samples=50,
+    est = marginal_log_likelihood(linear_decoder(A, b), sigma, X, latent_dim=3, num_samples=50,
                                   proposal=encoder_proposal(ExactPosterior()))
     np.testing.assert_allclose(est, exact_log_p(X, A, b, sigma), rtol=1e-6)
 
@@ -68,13 +61,13 @@ def test_importance_sampling_with_prior_samples_fallback_is_consistent():
     A = rng.standard_normal((4, 3)) * 0.5
     b = np.zeros(4)
     X = rng.standard_normal((10, 4))
-    est = marginal_log_likelihood(linear(A, b), 1.0, X, latent_dim=3, num_samples=20000)
+    est = marginal_log_likelihood(linear_decoder(A, b), 1.0, X, latent_dim=3, num_samples=20000)
     assert np.abs(est - exact_log_p(X, A, b, 1.0)).max() < 0.02
 
 
 def test_bernoulli_with_constant_logits_is_exact():
     b = np.array([0.3, -1.0, 2.0])
-    dec = linear(np.zeros((3, 2)), b)
+    dec = linear_decoder(np.zeros((3, 2)), b)
     X = (np.random.default_rng(0).random((7, 3)) < 0.5).astype(float)
     p = 1 / (1 + np.exp(-b))
     exact = (X * np.log(p) + (1 - X) * np.log(1 - p)).sum(1)
@@ -85,13 +78,13 @@ def test_bernoulli_with_constant_logits_is_exact():
 def test_deterministic_given_seed_and_accepts_tensors():
     A, b = np.array([[1.0], [0.5]]), np.zeros(2)
     X = np.random.default_rng(1).standard_normal((5, 2))
-    one = marginal_log_likelihood(linear(A, b), 0.3, X, latent_dim=1, num_samples=500, seed=4)
-    two = marginal_log_likelihood(linear(A, b), 0.3, torch.from_numpy(X), latent_dim=1, num_samples=500, seed=4)
+    one = marginal_log_likelihood(linear_decoder(A, b), 0.3, X, latent_dim=1, num_samples=500, seed=4)
+    two = marginal_log_likelihood(linear_decoder(A, b), 0.3, torch.from_numpy(X), latent_dim=1, num_samples=500, seed=4)
     np.testing.assert_array_equal(one, two)
 
 
 def test_bad_arguments():
-    dec = linear(np.ones((2, 1)), np.zeros(2))
+    dec = linear_decoder(np.ones((2, 1)), np.zeros(2))
     X = np.zeros((3, 2))
     with pytest.raises(ValueError, match="noise_std"):
         marginal_log_likelihood(dec, -1.0, X, latent_dim=1)
@@ -117,7 +110,7 @@ def test_code_table_proposal_gives_consistent_estimates():
     codes = (X_train - b) @ A @ P / sigma**2
     X = rng.standard_normal((20, K)) @ A.T + b + sigma * rng.standard_normal((20, D))
     proposal = code_table_proposal(codes, X_train, bandwidth=np.sqrt(2) * sigma)
-    est = marginal_log_likelihood(linear(A, b), sigma, X, latent_dim=K, num_samples=3000, proposal=proposal)
+    est = marginal_log_likelihood(linear_decoder(A, b), sigma, X, latent_dim=K, num_samples=3000, proposal=proposal)
     exact = exact_log_p(X, A, b, sigma)
     # a heuristic proposal: typical points are accurate; a point far from every training
     # point can be underestimated (log of an unbiased estimate), never overestimated much

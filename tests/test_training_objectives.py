@@ -23,6 +23,7 @@ from mapa.training.objectives import (
     gaussian_kl_to_prior,
     mutual_information,
 )
+from training_reference import linear_decoder
 
 X3 = np.array([[0.3, -1.0], [1.2, 0.4], [-0.7, 0.9]])
 CODES3 = np.array([[0.5], [-1.5], [0.2]])
@@ -30,14 +31,6 @@ A = np.array([[1.5], [-0.5]])
 B = np.array([0.1, 0.2])
 SIGMA = 0.7
 H = 0.9
-
-
-def linear_decoder(A, b):
-    net = nn.Linear(A.shape[1], A.shape[0]).double()
-    with torch.no_grad():
-        net.weight.copy_(torch.from_numpy(A))
-        net.bias.copy_(torch.from_numpy(b))
-    return net
 
 
 def code_model(decoder, codes, likelihood):
