@@ -273,3 +273,37 @@ def test_isolated_point_with_exclude_self(backend, dtype):
     assert float(tg.weights[7]) < 1e-30
     np.testing.assert_allclose(tg.means[7], X[7], rtol=1e-6)
     check_targets(tg, X, h, dtype, exclude_self=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_targets_both_pass_two_paths(backend, dtype):
+    # The cpp backend takes each pair once in posterior_targets' second pass
+    # while its per-thread sums, 8 * (threads + 2) * N * (D + 2) bytes here,
+    # stay within 512 MiB; beyond that it takes every row one-sided. With
+    # N = 300 (three tiles of 128) and D = 2700, 2 threads stay within (32 MiB) and 100
+    # go beyond (807 MiB). Both must match a float64 reference built row by row from
+    # explicit differences (the shared reference would need an N x N x D
+    # array), and each other. Near-duplicate clusters keep q non-trivial in
+    # high dimension; exclude_self adds the self-free rows.
+    rng = np.random.default_rng(11)
+    N, D, h = 300, 2700, 0.5
+    base = rng.standard_normal((6, D))
+    X = (base[rng.integers(0, 6, N)] + 0.01 * rng.standard_normal((N, D))).astype(dtype)
+    Xf = X.astype(np.float64)
+    t = tol(dtype)
+    for exclude_self in (False, True):
+        logits = np.stack([-((Xf - Xf[i]) ** 2).sum(axis=1) / (2.0 * h * h) for i in range(N)])
+        if exclude_self:
+            np.fill_diagonal(logits, -np.inf)
+        q = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+        W, S1, s = q.sum(axis=0), q.T @ Xf, q.T @ (Xf**2).sum(axis=1)
+        assert (W > 1e-3).all() and np.sort(q, axis=1)[:, -2].max() > 1e-3  # q is not the identity
+        outs = [mapa.posterior_targets(X, bandwidth=h, exclude_self=exclude_self, backend=backend, num_threads=nt)
+                for nt in (2, 100)]
+        for tg in outs:
+            np.testing.assert_allclose(np.asarray(tg.weights, np.float64), W, rtol=t["mass_rtol"])
+            np.testing.assert_allclose(np.asarray(tg.means, np.float64), S1 / W[:, None], rtol=t["logq_rtol"],
+                                       atol=t["mean_atol"] * float(np.ptp(Xf)))
+            np.testing.assert_allclose(np.asarray(tg.sq_norms, np.float64), s, rtol=t["mass_rtol"])
+        np.testing.assert_allclose(np.asarray(outs[0].weights, np.float64), np.asarray(outs[1].weights, np.float64),
+                                   rtol=t["mass_rtol"])

@@ -564,55 +564,162 @@ void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, 
 }
 
 namespace {
-struct TargetState {
-    RowBlock block;
-    std::vector<double> w, s1t, s2;
-    TargetState(index_t d, index_t ld) : block(d, ld), w(ld), s1t(d * ld), s2(ld) {}
-};
+// Per-thread accumulators of the symmetric targets pass are used while they
+// take at most this much memory; beyond it, every row goes one-sided.
+constexpr double kSymmetricTargetBytes = 512.0 * (1 << 20);
+
+// Target sums of every reference, accumulated in `tot`: ntiles * dw * ld
+// doubles, tile t's block holding dw = d + 2 feature-major rows of ld: the
+// weight W (row 0), the first moment sum_i q_ij y_i (rows 1 .. d) and
+// sum_i q_ij ||y_i||^2 (row d + 1), all in the packed (possibly shifted)
+// coordinates.
+
+// One-sided: the query rows `rows` (every row when null) against each
+// reference tile in turn, q_ij = exp(l_ij - lnorm_i) computed directly. One
+// reference tile per unit of work, so each thread owns the part of tot it
+// writes.
+template <class T>
+void one_sided_targets(const Args& a, const PackedRefs& p, const double* lnorm, const std::vector<index_t>* rows,
+                       double* tot, Control& ctl) {
+    const index_t d = a.d, dw = d + 2, m = rows ? static_cast<index_t>(rows->size()) : a.n;
+    std::vector<double> ln(static_cast<std::size_t>(m));
+    for (index_t i = 0; i < m; ++i) ln[static_cast<std::size_t>(i)] = lnorm[rows ? (*rows)[static_cast<std::size_t>(i)] : i];
+    const T* x = static_cast<const T*>(a.x);
+    parallel_blocks<RowBlock>(
+        p.ntiles, a.threads, ctl, [&] { return RowBlock(d, p.ld); },
+        [&](RowBlock& b, index_t t) {
+            double* acc = tot + t * dw * p.ld;
+            for (index_t r0 = 0; r0 < m; r0 += kRows) {
+                const index_t nr = std::min(kRows, m - r0);
+                b.load(x, r0, nr, d, p.shift(), rows ? rows->data() : nullptr, nullptr);
+                tile_logits(p, b, nr, t, a.scale, a.exclude_self, /*with_max=*/false);
+                accumulate_targets(b.logits.data(), p.ld, ln.data() + r0, b.y.data(), b.ynorm.data(), nr, d, acc,
+                                   acc + p.ld, acc + (d + 1) * p.ld, T{});
+            }
+        },
+        [&](index_t t) { return p.len(t) * m; });
+}
+
+// Symmetric: each unordered pair's distance and exponential e_ij = exp(l_ij)
+// once, with q_ij = e_ij / Z_i: the pair adds e_ij u_i to reference j's sums
+// and e_ij u_j to reference i's, where u_i = (1, y_i, ||y_i||^2) / Z_i.
+// Work units and thread schedule as in self_normalizer, each thread with
+// sums for every reference, added in thread order at the end.
+//
+// Where log Z_i >= 0 (always, unless exclude_self), q_ij <= e_ij, so every
+// term the one-sided form resolves (q_ij above the exponential's floor) is
+// resolved here too. Rows with log Z_i < 0 are returned in `rest`, with
+// u_i = 0: their terms are left to one_sided_targets.
+template <class T>
+void symmetric_targets(const Args& a, const PackedRefs& p, const double* lnorm, double* tot,
+                       std::vector<index_t>& rest, Control& ctl) {
+    const index_t n = a.n, d = a.d, dw = d + 2, nt = p.ntiles, ld = p.ld, per = dw * ld;
+    const T* x = static_cast<const T*>(a.x);
+    const double* c = p.shift();
+    // the weight vectors and products in T (see pair_targets), the sums in double
+    std::vector<T> u(static_cast<std::size_t>(n * dw), T(0)), ut(static_cast<std::size_t>(nt * per), T(0));
+    for (index_t i = 0; i < n; ++i) {
+        if (!(lnorm[i] >= 0.0)) {
+            rest.push_back(i);
+            continue;
+        }
+        T* ui = u.data() + i * dw;
+        const double w = std::exp(-lnorm[i]);
+        double sq = 0.0;
+        for (index_t k = 0; k < d; ++k) {
+            const double v = static_cast<double>(x[i * d + k]) - (c ? c[k] : 0.0);
+            ui[1 + k] = static_cast<T>(w * v);
+            sq += v * v;
+        }
+        ui[0] = static_cast<T>(w);
+        ui[d + 1] = static_cast<T>(w * sq);
+        T* col = ut.data() + (i / p.tb) * per + i % p.tb;
+        for (index_t k = 0; k < dw; ++k) col[k * ld] = ui[k];
+    }
+    std::vector<std::pair<index_t, index_t>> units;
+    for (index_t ta = 0; ta < nt; ++ta)
+        for (index_t tb = ta; tb < nt; ++tb) units.emplace_back(ta, tb);
+    const int threads = a.threads;
+    std::vector<double> sums(static_cast<std::size_t>(threads * nt * per), 0.0);
+    struct State {
+        RowBlock block;
+        double* acc;
+        std::vector<T> q;
+    };
+    parallel_blocks<State>(
+        static_cast<index_t>(units.size()), threads, ctl,
+        [&] {
+#ifdef _OPENMP
+            const index_t me = omp_get_thread_num();
+#else
+            const index_t me = 0;
+#endif
+            return State{RowBlock(d, ld), sums.data() + me * nt * per,
+                         std::vector<T>(static_cast<std::size_t>(kTargetRows * (ld + 16)))};
+        },
+        [&](State& s, index_t unit) {
+            const auto [ta, tb] = units[static_cast<std::size_t>(unit)];
+            for (index_t r0 = ta * p.tb; r0 < ta * p.tb + p.len(ta); r0 += kRows) {
+                const index_t rows = std::min(kRows, ta * p.tb + p.len(ta) - r0);
+                s.block.load(x, r0, rows, d, c, nullptr, nullptr);
+                tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
+                pair_targets(s.block.logits.data(), ld, rows, u.data() + r0 * dw, ut.data() + tb * per, dw,
+                             s.acc + tb * per, ta == tb ? nullptr : s.acc + ta * per + (r0 - ta * p.tb), s.q.data());
+            }
+        },
+        [&](index_t unit) {
+            const auto [ta, tb] = units[static_cast<std::size_t>(unit)];
+            return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2);
+        },
+        /*fixed_schedule=*/true);  // each thread's sums, hence the result, reproducible
+    for (int t = 0; t < threads; ++t) {
+        const double* st = sums.data() + static_cast<std::size_t>(t) * nt * per;
+        for (index_t i = 0; i < nt * per; ++i) tot[i] += st[i];
+    }
+}
 }  // namespace
 
 template <class T>
 void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
-    const index_t n = a.n, d = a.d;
+    const index_t n = a.n, d = a.d, dw = d + 2;
     ctl.set_total(2 * n * n);
     const PackedRefs p = pack(static_cast<const T*>(a.x), n, d, a.tile, a.threads);
     // Pass 1: exact log-normaliser of every row, kept in double.
     std::vector<double> lnorm(static_cast<std::size_t>(n));
     self_normalizer<T>(a, p, lnorm.data(), ctl);
-    // Pass 2: one reference tile per unit of work, so each thread owns the
-    // rows of w, s1 and s2 it writes; queries stream through in blocks.
-    const T* x = static_cast<const T*>(a.x);
-    parallel_blocks<TargetState>(
-        p.ntiles, a.threads, ctl, [&] { return TargetState(d, p.ld); },
-        [&](TargetState& s, index_t t) {
-            std::fill(s.w.begin(), s.w.end(), 0.0);
-            std::fill(s.s1t.begin(), s.s1t.end(), 0.0);
-            std::fill(s.s2.begin(), s.s2.end(), 0.0);
-            for (index_t r0 = 0; r0 < n; r0 += kRows) {
-                const index_t rows = std::min(kRows, n - r0);
-                s.block.load(x, r0, rows, d, p.shift(), nullptr, nullptr);
-                tile_logits(p, s.block, rows, t, a.scale, a.exclude_self, /*with_max=*/false);
-                accumulate_targets(s.block.logits.data(), p.ld, lnorm.data() + r0, s.block.y.data(),
-                                   s.block.ynorm.data(), rows, d, s.w.data(), s.s1t.data(), s.s2.data(), T{});
+    // Pass 2: the sums, each pair once where the memory allows.
+    std::vector<double> tot(static_cast<std::size_t>(p.ntiles * dw * p.ld), 0.0);
+    const double bytes = 8.0 * static_cast<double>(a.threads + 2) * static_cast<double>(p.ntiles * dw * p.ld);
+    std::vector<index_t> rest;
+    if (bytes <= kSymmetricTargetBytes) {
+        symmetric_targets<T>(a, p, lnorm.data(), tot.data(), rest, ctl);
+        if (!rest.empty()) {
+            ctl.set_total(ctl.total() + static_cast<index_t>(rest.size()) * n);
+            one_sided_targets<T>(a, p, lnorm.data(), &rest, tot.data(), ctl);
+        }
+    } else {
+        one_sided_targets<T>(a, p, lnorm.data(), nullptr, tot.data(), ctl);
+    }
+    // Back from shifted coordinates (x = x~ + c) when the tiles were shifted.
+    const double* c = p.shift();
+    double cc = 0.0;
+    for (index_t k = 0; c && k < d; ++k) cc += c[k] * c[k];
+    for (index_t t = 0; t < p.ntiles; ++t) {
+        const double* acc = tot.data() + t * dw * p.ld;
+        for (index_t j = 0; j < p.len(t); ++j) {
+            const index_t g = t * p.tb + j;
+            const double wj = acc[j];
+            double dot = 0.0;
+            for (index_t k = 0; k < d; ++k) {
+                const double m = acc[(1 + k) * p.ld + j];
+                s1[g * d + k] = c ? m + wj * c[k] : m;
+                if (c) dot += m * c[k];
             }
-            // Back from shifted coordinates (x = x~ + c) when the tile was shifted.
-            const index_t c0 = t * p.tb, len = p.len(t);
-            const double* c = p.shift();
-            double cc = 0.0;
-            for (index_t k = 0; c && k < d; ++k) cc += c[k] * c[k];
-            for (index_t j = 0; j < len; ++j) {
-                const double wj = s.w[j];
-                double dot = 0.0;
-                for (index_t k = 0; k < d; ++k) {
-                    const double m = s.s1t[k * p.ld + j];
-                    s1[(c0 + j) * d + k] = c ? m + wj * c[k] : m;
-                    if (c) dot += m * c[k];
-                }
-                w[c0 + j] = wj;
-                s2[c0 + j] = c ? s.s2[j] + 2.0 * dot + wj * cc : s.s2[j];
-            }
-        },
-        [&](index_t t) { return p.len(t) * n; });
+            w[g] = wj;
+            const double sq = acc[(d + 1) * p.ld + j];
+            s2[g] = c ? sq + 2.0 * dot + wj * cc : sq;
+        }
+    }
 }
 
 bool have_openmp() {

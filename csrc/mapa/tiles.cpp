@@ -210,13 +210,13 @@ index_t positions_at_least(const double* v, index_t len, double thr, std::int32_
     return c;
 }
 
-// Lane b of the result is the maximum of the 8 lanes of m[b]: a butterfly of
-// three shuffle-and-max levels, 7 + 7 operations for 8 horizontal maxima.
-[[gnu::always_inline]] static inline v8d lane_maxima(const v8d m[8]) {
+// Lane b of the result is op over the 8 lanes of m[b]: a butterfly of three
+// shuffle-and-op levels, 7 + 7 operations for 8 horizontal reductions.
+template <class Op>
+[[gnu::always_inline]] static inline v8d lane_reduce(const v8d m[8], Op op) {
     typedef long long v8l __attribute__((vector_size(64)));
-    const auto level = [](v8d a, v8d b, v8l lo, v8l hi) {
-        const v8d x = __builtin_shuffle(a, b, lo), y = __builtin_shuffle(a, b, hi);
-        return x > y ? x : y;
+    const auto level = [&](v8d a, v8d b, v8l lo, v8l hi) {
+        return op(__builtin_shuffle(a, b, lo), __builtin_shuffle(a, b, hi));
     };
     const v8l l1a = {0, 8, 2, 10, 4, 12, 6, 14}, l1b = {1, 9, 3, 11, 5, 13, 7, 15};
     const v8l l2a = {0, 1, 8, 9, 4, 5, 12, 13}, l2b = {2, 3, 10, 11, 6, 7, 14, 15};
@@ -225,6 +225,14 @@ index_t positions_at_least(const double* v, index_t len, double thr, std::int32_
     const v8d t45 = level(m[4], m[5], l1a, l1b), t67 = level(m[6], m[7], l1a, l1b);
     const v8d u0 = level(t01, t23, l2a, l2b), u1 = level(t45, t67, l2a, l2b);
     return level(u0, u1, l3a, l3b);
+}
+
+[[gnu::always_inline]] static inline v8d lane_maxima(const v8d m[8]) {
+    return lane_reduce(m, [](v8d x, v8d y) { return x > y ? x : y; });
+}
+
+[[gnu::always_inline]] static inline v8d lane_sums(const v8d m[8]) {
+    return lane_reduce(m, [](v8d x, v8d y) { return x + y; });
 }
 
 MAPA_CLONES
@@ -420,6 +428,175 @@ void accumulate_targets(const double* v, index_t ld, const double* log_norm, con
                         const double* sq, index_t rows, index_t d, double* w, double* s1t, double* s2,
                         float) {
     accumulate_targets_impl<float>(v, ld, log_norm, y, sq, rows, d, w, s1t, s2);
+}
+
+template <class E>
+[[gnu::always_inline]] static inline void pair_targets_impl(const double* v, index_t ld, index_t rows,
+                                                           const double* u, const double* ut, index_t dw,
+                                                           double* colacc, double* rowacc, double* q0) {
+    // The exponentials of every row first, at their natural width, stored
+    // in double at row stride ld + 8: rows a multiple of 4 KiB apart would
+    // share L1 sets, and the column sums read 16 rows at once.
+    const index_t qld = ld + 8;
+    alignas(64) E qe[kMaxTile];
+    for (index_t r = 0; r < rows; ++r) {
+        const double* vr = v + r * ld;
+        double* qr = q0 + r * qld;
+#pragma omp simd
+        for (index_t j = 0; j < ld; ++j) qe[j] = exp_nonpos(static_cast<E>(vr[j]));
+#pragma omp simd
+        for (index_t j = 0; j < ld; ++j) qr[j] = qe[j];
+    }
+    // Columns: 32 at a time (ld is a multiple of kTileAlign), each output
+    // read once, the rows' terms added in register in row order, written once.
+    static_assert(kTileAlign % 32 == 0, "four vectors per column group");
+    for (index_t j = 0; j < ld; j += 32) {
+        for (index_t k = 0; k < dw; ++k) {
+            double* c = colacc + k * ld + j;
+            v8d a[4];
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) a[i] = load8(c + 8 * i);
+            for (index_t r = 0; r < rows; ++r) {
+                const double w = u[r * dw + k];
+                const double* q = q0 + r * qld + j;
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; ++i) a[i] += load8(q + 8 * i) * w;
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) store8(c + 8 * i, a[i]);
+        }
+    }
+    if (!rowacc) return;
+    // Rows: blocks of four rows times two features, eight independent sums
+    // over the tile; missing rows or features repeat the last one and are
+    // not stored.
+    for (index_t r0 = 0; r0 < rows; r0 += 4) {
+        const index_t nr = rows - r0 < 4 ? rows - r0 : 4;
+        const double* q[4];
+        for (index_t i = 0; i < 4; ++i) q[i] = q0 + (r0 + (i < nr ? i : nr - 1)) * qld;
+        for (index_t k0 = 0; k0 < dw; k0 += 2) {
+            const index_t nk = dw - k0 < 2 ? 1 : 2;
+            const double* uk[2] = {ut + k0 * ld, ut + (k0 + nk - 1) * ld};
+            v8d s[4][2] = {};
+            for (index_t j = 0; j < ld; j += 8) {
+                const v8d a = load8(uk[0] + j), b = load8(uk[1] + j);
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; ++i) {
+                    const v8d qi = load8(q[i] + j);
+                    s[i][0] += qi * a;
+                    s[i][1] += qi * b;
+                }
+            }
+            const v8d m[8] = {s[0][0], s[0][1], s[1][0], s[1][1], s[2][0], s[2][1], s[3][0], s[3][1]};
+            const v8d sum = lane_sums(m);
+            for (index_t i = 0; i < nr; ++i)
+                for (index_t c = 0; c < nk; ++c) rowacc[(k0 + c) * ld + r0 + i] += sum[2 * i + c];
+        }
+    }
+}
+
+MAPA_CLONES
+void pair_targets(const double* v, index_t ld, index_t rows, const double* u, const double* ut, index_t dw,
+                  double* colacc, double* rowacc, double* scratch) {
+    pair_targets_impl<double>(v, ld, rows, u, ut, dw, colacc, rowacc, scratch);
+}
+
+// Sixteen floats: the single-precision counterpart of v8d.
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+
+[[gnu::always_inline]] static inline v16f load16(const float* p) {
+    v16f v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// The low and high eight lanes of x, widened to double.
+[[gnu::always_inline]] static inline void widen(v16f x, v8d& lo, v8d& hi) {
+    v8f a, b;
+    std::memcpy(&a, &x, sizeof a);
+    std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof a, sizeof b);
+    lo = __builtin_convertvector(a, v8d);
+    hi = __builtin_convertvector(b, v8d);
+}
+
+MAPA_CLONES
+void pair_targets(const double* v, index_t ld, index_t rows, const float* u, const float* ut, index_t dw,
+                  double* colacc, double* rowacc, float* q0) {
+    // As the double version, with q and the products in single precision:
+    // each column's terms summed over the block's rows, and each row's over
+    // 128 columns at a time, in float, then added in double.
+    const index_t qld = ld + 16;
+    for (index_t r = 0; r < rows; ++r) {
+        const double* vr = v + r * ld;
+        float* qr = q0 + r * qld;
+#pragma omp simd
+        for (index_t j = 0; j < ld; ++j) qr[j] = exp_nonpos(static_cast<float>(vr[j]));
+    }
+    static_assert(kTileAlign % 32 == 0, "two float vectors per column group");
+    for (index_t j = 0; j < ld; j += 32) {
+        // four features at a time: eight independent sums; missing features
+        // repeat the last one and are not stored
+        for (index_t k0 = 0; k0 < dw; k0 += 4) {
+            const index_t nk = dw - k0 < 4 ? dw - k0 : 4;
+            const index_t kk[4] = {k0, k0 + (nk > 1 ? 1 : 0), k0 + (nk > 2 ? 2 : nk - 1), k0 + (nk > 3 ? 3 : nk - 1)};
+            v16f p[4][2] = {};
+            for (index_t r = 0; r < rows; ++r) {
+                const float* q = q0 + r * qld + j;
+                const v16f a = load16(q), b = load16(q + 16);
+                const float* ur = u + r * dw;
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; ++c) {
+                    const float w = ur[kk[c]];
+                    p[c][0] += a * w;
+                    p[c][1] += b * w;
+                }
+            }
+            for (index_t c = 0; c < nk; ++c) {
+                double* o = colacc + (k0 + c) * ld + j;
+                for (int h = 0; h < 2; ++h) {
+                    v8d lo, hi;
+                    widen(p[c][h], lo, hi);
+                    store8(o + 16 * h, load8(o + 16 * h) + lo);
+                    store8(o + 16 * h + 8, load8(o + 16 * h + 8) + hi);
+                }
+            }
+        }
+    }
+    if (!rowacc) return;
+    for (index_t r0 = 0; r0 < rows; r0 += 4) {
+        const index_t nr = rows - r0 < 4 ? rows - r0 : 4;
+        const float* q[4];
+        for (index_t i = 0; i < 4; ++i) q[i] = q0 + (r0 + (i < nr ? i : nr - 1)) * qld;
+        for (index_t k0 = 0; k0 < dw; k0 += 2) {
+            const index_t nk = dw - k0 < 2 ? 1 : 2;
+            const float* uk[2] = {ut + k0 * ld, ut + (k0 + nk - 1) * ld};
+            v8d t[4][2] = {};
+            for (index_t c0 = 0; c0 < ld; c0 += 128) {
+                const index_t c1 = c0 + 128 < ld ? c0 + 128 : ld;
+                v16f s[4][2] = {};
+                for (index_t j = c0; j < c1; j += 16) {
+                    const v16f a = load16(uk[0] + j), b = load16(uk[1] + j);
+#pragma GCC unroll 4
+                    for (int i = 0; i < 4; ++i) {
+                        const v16f qi = load16(q[i] + j);
+                        s[i][0] += qi * a;
+                        s[i][1] += qi * b;
+                    }
+                }
+                for (int i = 0; i < 4; ++i)
+                    for (int c = 0; c < 2; ++c) {
+                        v8d lo, hi;
+                        widen(s[i][c], lo, hi);
+                        t[i][c] += lo + hi;
+                    }
+            }
+            const v8d m[8] = {t[0][0], t[0][1], t[1][0], t[1][1], t[2][0], t[2][1], t[3][0], t[3][1]};
+            const v8d sum = lane_sums(m);
+            for (index_t i = 0; i < nr; ++i)
+                for (index_t c = 0; c < nk; ++c) rowacc[(k0 + c) * ld + r0 + i] += sum[2 * i + c];
+        }
+    }
 }
 
 const char* selected_isa() {

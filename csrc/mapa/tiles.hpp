@@ -95,6 +95,25 @@ void accumulate_targets(const double* v, index_t ld, const double* log_norm, con
                         const double* sq, index_t rows, index_t d, double* w, double* s1t, double* s2,
                         float);
 
+// Symmetric form of the targets' sums, for a block of rows r < rows
+// (<= kTargetRows) against the columns j < ld of one tile, with logits v
+// (row stride ld, all <= 0) and q_rj = exp(v_rj), kept in scratch
+// (kTargetRows * (ld + 8) doubles):
+// colacc[k * ld + j] += sum_r q_rj * u[r * dw + k] for every k < dw, each sum
+// taken in row order, and, unless rowacc is null,
+// rowacc[k * ld + r] += sum_{j < ld} q_rj * ut[k * ld + j]. u holds the rows'
+// weight vectors (row-major, dw per row), ut the columns' (feature-major,
+// row stride ld, zero in padding columns). The last argument picks the
+// precision of the exponentials, as above.
+void pair_targets(const double* v, index_t ld, index_t rows, const double* u, const double* ut, index_t dw,
+                  double* colacc, double* rowacc, double* scratch);
+// For float32 problems: u, ut and q (scratch: kTargetRows * (ld + 16)
+// floats) in single precision, and so the products; each column's terms
+// summed over the block's rows, and each row's over 128 columns, in float,
+// then added in double.
+void pair_targets(const double* v, index_t ld, index_t rows, const float* u, const float* ut, index_t dw,
+                  double* colacc, double* rowacc, float* scratch);
+
 // Name of the clone the loader picked on this CPU ("avx512", "avx2", "baseline").
 const char* selected_isa();
 

@@ -315,11 +315,17 @@ def posterior_targets(
     num_threads=None,
     progress=None,
 ):
-    """Per-reference training targets (W, m, s) of MAPA.md section 3, in one pass.
+    """Per-reference training targets (W, m, s) of MAPA.md section 3, in one call.
 
     With q(i | n) the MAPA posterior of x_n over the references x_i:
     W_i = sum_n q(i|n), m_i = sum_n q(i|n) x_n / W_i, s_i = sum_n q(i|n) ||x_n||^2,
-    accumulated without ever holding the (N, N) matrix.
+    accumulated without ever holding the (N, N) matrix: one pass over the
+    pairs for the normalisers, a second for the sums. The cpp backend takes
+    each unordered pair once in both passes (q(i|n) = exp(logit) / Z_n, one
+    exponential serving both orders), with per-thread sums of
+    (num_threads + 2) * N * (n_features + 2) * 8 bytes; where that would
+    exceed 512 MiB, and for rows with log Z_n < 0 (only with
+    ``exclude_self``), it computes q(i|n) row by row instead.
 
     Parameters
     ----------
