@@ -6,6 +6,7 @@
 #include <limits>
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -26,7 +27,11 @@ static_assert(kRows <= kTargetRows, "targets take a whole row block at once");
 struct PackedRefs {
     index_t n = 0, d = 0, tb = 0, ld = 0, ntiles = 0;
     bool expand = false;
+    // float32 problems on the direct path keep tiles (and rows) in float and
+    // take the single-precision leaves; data is then empty
+    bool single = false;
     std::vector<double> data;   // ntiles * d * ld
+    std::vector<float> fdata;   // the same layout, when single
     std::vector<double> norms;  // ntiles * ld, when expand
     // The expansion ||y||^2 + ||x||^2 - 2 y.x loses precision far from the
     // origin, so that path works on data shifted by the reference mean.
@@ -35,14 +40,15 @@ struct PackedRefs {
     const double* shift() const { return center.empty() ? nullptr : center.data(); }
 
     const double* tile(index_t t) const { return data.data() + t * d * ld; }
+    const float* ftile(index_t t) const { return fdata.data() + t * d * ld; }
     const double* norm(index_t t) const { return expand ? norms.data() + t * ld : nullptr; }
     index_t len(index_t t) const { return std::min(tb, n - t * tb); }
 };
 
-index_t tile_length(index_t n, index_t d, index_t tile) {
+index_t tile_length(index_t n, index_t d, index_t tile, bool single) {
     // A requested tile longer than the data would only waste memory.
     return tile > 0 ? std::min({tile, kMaxTile, (n + kTileAlign - 1) / kTileAlign * kTileAlign})
-                    : default_tile(n, d);
+                    : default_tile(n, d, single);
 }
 
 // `perm` (or nullptr): packed position i holds reference perm[i].
@@ -51,11 +57,16 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads, con
     PackedRefs p;
     p.n = n;
     p.d = d;
-    p.tb = tile_length(n, d, tile);
+    p.tb = tile_length(n, d, tile, std::is_same_v<T, float> && d <= kDirectMaxFeatures);
     p.ld = (p.tb + kTileAlign - 1) / kTileAlign * kTileAlign;
     p.ntiles = (n + p.tb - 1) / p.tb;
     p.expand = d > kDirectMaxFeatures;
-    p.data.assign(static_cast<std::size_t>(p.ntiles * d * p.ld), 0.0);
+    p.single = std::is_same_v<T, float> && !p.expand;
+    if (p.single) {
+        p.fdata.assign(static_cast<std::size_t>(p.ntiles * d * p.ld), 0.0f);
+    } else {
+        p.data.assign(static_cast<std::size_t>(p.ntiles * d * p.ld), 0.0);
+    }
     if (p.expand) {
         p.norms.assign(static_cast<std::size_t>(p.ntiles * p.ld), 0.0);
         p.center.assign(static_cast<std::size_t>(d), 0.0);
@@ -68,8 +79,17 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads, con
     const int pack_threads = n * d >= (1 << 20) ? threads : 1;
 #pragma omp parallel for num_threads(pack_threads) schedule(dynamic, 16)
     for (index_t t = 0; t < p.ntiles; ++t) {
-        double* dst = p.data.data() + t * d * p.ld;
         const index_t len = p.len(t);
+        if (p.single) {
+            float* dst = p.fdata.data() + t * d * p.ld;
+            for (index_t j = 0; j < len; ++j) {
+                const index_t i = t * p.tb + j;
+                const T* row = x + (perm ? perm[i] : i) * d;
+                for (index_t k = 0; k < d; ++k) dst[k * p.ld + j] = static_cast<float>(row[k]);
+            }
+            continue;
+        }
+        double* dst = p.data.data() + t * d * p.ld;
         for (index_t j = 0; j < len; ++j) {
             const index_t i = t * p.tb + j;
             const T* row = x + (perm ? perm[i] : i) * d;
@@ -91,8 +111,9 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads, con
 // position of the same point among the references (for exclude_self).
 struct RowBlock {
     std::vector<double> y, ynorm, logits, tmax;
+    std::vector<float> yf;  // the rows in float, for float32 input
     index_t orig[kRows], self[kRows];
-    RowBlock(index_t d, index_t ld) : y(kRows * d), ynorm(kRows), logits(kRows * ld), tmax(kRows) {}
+    RowBlock(index_t d, index_t ld) : y(kRows * d), ynorm(kRows), logits(kRows * ld), tmax(kRows), yf(kRows * d) {}
 
     // `shift` (or nullptr) is subtracted from every row, as in PackedRefs;
     // `order` and `position` (input row -> packed position) may be nullptr.
@@ -108,6 +129,7 @@ struct RowBlock {
                 const double v = static_cast<double>(src[g * d + k]) - (shift ? shift[k] : 0.0);
                 y[r * d + k] = v;
                 sq += v * v;
+                if constexpr (std::is_same_v<T, float>) yf[r * d + k] = src[g * d + k];
             }
             ynorm[r] = sq;
         }
@@ -123,6 +145,9 @@ void tile_logits(const PackedRefs& p, RowBlock& b, index_t rows, index_t t, doub
         logits_expand(p.tile(t), p.norm(t), p.ld, p.ld, p.d, b.y.data(), b.ynorm.data(), rows, scale,
                       b.logits.data());
         for (index_t r = 0; with_max && r < rows; ++r) b.tmax[r] = tile_max(b.logits.data() + r * p.ld, len);
+    } else if (p.single) {
+        logits_direct(p.ftile(t), p.ld, p.ld, p.d, b.yf.data(), rows, scale, b.logits.data(), len,
+                      with_max ? b.tmax.data() : nullptr);
     } else {
         logits_direct(p.tile(t), p.ld, p.ld, p.d, b.y.data(), rows, scale, b.logits.data(), len,
                       with_max ? b.tmax.data() : nullptr);
@@ -389,10 +414,14 @@ void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& c
 
 }  // namespace
 
-index_t default_tile(index_t n, index_t d) {
+index_t default_tile(index_t n, index_t d, bool single) {
     // Keep a packed tile (d * tb doubles) within about 16 KiB, half of L1, for the
-    // direct path; the expansion path streams longer rows from L2.
-    index_t tb = d > kDirectMaxFeatures ? 128 : std::max<index_t>(64, 2048 / std::max<index_t>(d, 1));
+    // direct path; the expansion path streams longer rows from L2. Float
+    // tiles (single) measured fastest at 512 to 1024 columns for every d up
+    // to kDirectMaxFeatures (fewer row reductions per pair).
+    index_t tb = d > kDirectMaxFeatures ? 128
+                 : single               ? (d <= 8 ? 1024 : 512)
+                                        : std::max<index_t>(64, 2048 / std::max<index_t>(d, 1));
     tb = std::min<index_t>(tb, kMaxTile);
     tb = (tb + kTileAlign - 1) / kTileAlign * kTileAlign;
     // Small problems: no tile longer than the data (rounded to the stride).
@@ -483,7 +512,8 @@ struct TopKState : NormState<T> {
 template <class T>
 void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, Control& ctl) {
     ctl.set_total(a.m * a.n);
-    const Order order = locality_order<T>(a, tile_length(a.n, a.d, a.tile));
+    const Order order =
+        locality_order<T>(a, tile_length(a.n, a.d, a.tile, std::is_same_v<T, float> && a.d <= kDirectMaxFeatures));
     const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, order.refs.data());
     // One pass over the references streams the normaliser and keeps, per row,
     // the 16-column blocks whose maxima are among the k largest, ties at the
@@ -521,8 +551,10 @@ void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, 
                 bound.rank_into(s.rank.data());
                 for (std::size_t i = 0; i < nb; ++i) s.order[static_cast<std::size_t>(s.rank[i])] = i;
                 const double* y = s.block.y.data() + r * a.d;
+                const float* yf = s.block.yf.data() + r * a.d;
                 for (std::size_t i0 = 0; i0 < nb; i0 += 4) {
                     const double *xt[4], *xn[4], *ys[4] = {y, y, y, y};
+                    const float *xf[4], *ysf[4] = {yf, yf, yf, yf};
                     const double yn[4] = {s.block.ynorm[r], s.block.ynorm[r], s.block.ynorm[r], s.block.ynorm[r]};
                     index_t c0s[4], ts[4], n = 0;
                     for (; n < 4 && i0 + n < nb; ++n) {
@@ -531,11 +563,19 @@ void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, 
                         const index_t id = bound.index(e);
                         ts[n] = id / per_tile;
                         c0s[n] = (id % per_tile) * 16;
-                        xt[n] = p.tile(ts[n]) + c0s[n];
-                        xn[n] = p.expand ? p.norm(ts[n]) + c0s[n] : nullptr;
+                        if (p.single) {
+                            xf[n] = p.ftile(ts[n]) + c0s[n];
+                        } else {
+                            xt[n] = p.tile(ts[n]) + c0s[n];
+                            xn[n] = p.expand ? p.norm(ts[n]) + c0s[n] : nullptr;
+                        }
                     }
                     if (n == 0) break;
-                    logits_visits(xt, p.expand ? xn : nullptr, p.ld, a.d, ys, yn, n, a.scale, s.cand.data());
+                    if (p.single) {
+                        logits_visits(xf, p.ld, a.d, ysf, n, a.scale, s.cand.data());
+                    } else {
+                        logits_visits(xt, p.expand ? xn : nullptr, p.ld, a.d, ys, yn, n, a.scale, s.cand.data());
+                    }
                     for (index_t i = 0; i < n; ++i) {
                         const index_t t = ts[i], c0 = c0s[i];
                         const index_t len = std::min<index_t>(16, p.len(t) - c0);

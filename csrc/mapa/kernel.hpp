@@ -2,7 +2,9 @@
 //
 // Inputs are C-contiguous references X (n, d) and queries Y (m, d) of type T
 // (float or double), already centred by the caller. All arithmetic is in
-// double; results are converted to T only when written. No function holds an
+// double, except that float32 problems with at most kDirectMaxFeatures
+// features form squared distances and the exponentials in float; results
+// are converted to T only when written. No function holds an
 // (m, n) matrix except log_posterior, whose output is that matrix.
 #pragma once
 
@@ -40,8 +42,9 @@ void topk(const Args& a, std::int64_t k, std::int64_t* indices, T* log_prob, T* 
 template <class T>
 void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl);
 
-// Tile length used for a problem of this shape when the caller passes 0.
-std::int64_t default_tile(std::int64_t n, std::int64_t d);
+// Tile length used for a problem of this shape when the caller passes 0;
+// single: a float32 problem on the direct path (float tiles).
+std::int64_t default_tile(std::int64_t n, std::int64_t d, bool single = false);
 
 // Features above which distances use the ||y||^2 + ||x||^2 - 2 y.x form.
 constexpr std::int64_t kDirectMaxFeatures = 32;

@@ -31,6 +31,25 @@ typedef double v8d __attribute__((vector_size(64)));
 }
 [[gnu::always_inline]] static inline void store8(double* p, v8d v) { std::memcpy(p, &v, sizeof v); }
 
+// Sixteen floats: the single-precision counterpart of v8d.
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+
+[[gnu::always_inline]] static inline v16f load16(const float* p) {
+    v16f v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// The low and high eight lanes of x, widened to double.
+[[gnu::always_inline]] static inline void widen(v16f x, v8d& lo, v8d& hi) {
+    v8f a, b;
+    std::memcpy(&a, &x, sizeof a);
+    std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof a, sizeof b);
+    lo = __builtin_convertvector(a, v8d);
+    hi = __builtin_convertvector(b, v8d);
+}
+
 // Pointers to rows r0 .. r0 + 3 of y (row length d) for a four-row block of
 // which nr >= 1 rows exist; missing rows repeat the last one, and their
 // results are not stored.
@@ -179,6 +198,102 @@ void logits_visits(const double* const* xt, const double* const* xnorm, index_t 
     }
 }
 
+// Single-precision direct path (float32 problems, d <= kDirectMaxFeatures):
+// for R rows ys[r] against 16 * C columns, the sum over the d features of
+// squared differences, in float; acc[r][c] holds columns 16c .. 16c + 15.
+// Row r's columns start at xs[r], or at xs[0] for every row when Shared.
+// Every float leaf goes through here, so a logit's value depends only on
+// its row and column.
+template <int R, int C, bool Shared>
+[[gnu::always_inline]] static inline void column_sums_f(const float* const* xs, index_t ld, index_t d,
+                                                        const float* const* ys, v16f (&acc)[R][C]) {
+    v16f a[R][C];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+        for (int c = 0; c < C; ++c) a[r][c] = v16f{};
+    for (index_t k = 0; k < d; ++k) {
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const float* xk = xs[Shared ? 0 : r] + k * ld;
+#pragma GCC unroll 2
+            for (int c = 0; c < C; ++c) {
+                const v16f e = load16(xk + 16 * c) - ys[r][k];
+                a[r][c] += e * e;
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+        for (int c = 0; c < C; ++c) acc[r][c] = a[r][c];
+}
+
+// -scale * s for 16 columns of squared distances s, widened to double.
+[[gnu::always_inline]] static inline void scaled16(v16f s, double scale, v8d& lo, v8d& hi) {
+    widen(s, lo, hi);
+    lo *= -scale;
+    hi *= -scale;
+}
+
+MAPA_CLONES
+void logits_direct(const float* xt, index_t ld, index_t cols, index_t d, const float* y, index_t rows,
+                   double scale, double* out, index_t len, double* row_max) {
+    static_assert(kTileAlign % 32 == 0, "two float vectors per column block");
+    constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+    const v8d lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    constexpr index_t kBlockRows = 4;
+    for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+        const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
+        const float* ys[kBlockRows];
+        for (index_t i = 0; i < kBlockRows; ++i) ys[i] = y + (r0 + (i < nr ? i : nr - 1)) * d;
+        v8d top[kBlockRows];
+        for (auto& m : top) m = v8d{} + kNegInf;
+        for (index_t j0 = 0; j0 < cols; j0 += 32) {
+            const float* xs[1] = {xt + j0};
+            v16f acc[kBlockRows][2];
+            column_sums_f<kBlockRows, 2, true>(xs, ld, d, ys, acc);
+            for (index_t r = 0; r < nr; ++r) {
+                double* o = out + (r0 + r) * cols + j0;
+                v8d v[4];
+                scaled16(acc[r][0], scale, v[0], v[1]);
+                scaled16(acc[r][1], scale, v[2], v[3]);
+                for (int i = 0; i < 4; ++i) store8(o + 8 * i, v[i]);
+                if (!row_max) continue;
+                if (j0 + 32 > len) {  // padding columns do not count
+                    for (int i = 0; i < 4; ++i)
+                        v[i] = lane + static_cast<double>(j0 + 8 * i) < static_cast<double>(len) ? v[i] : kNegInf;
+                }
+                const v8d m01 = v[0] > v[1] ? v[0] : v[1], m23 = v[2] > v[3] ? v[2] : v[3];
+                const v8d m = m01 > m23 ? m01 : m23;
+                top[r] = top[r] > m ? top[r] : m;
+            }
+        }
+        for (index_t r = 0; row_max && r < nr; ++r) {
+            double m = top[r][0];
+            for (int i = 1; i < 8; ++i) m = top[r][i] > m ? top[r][i] : m;
+            row_max[r0 + r] = m;
+        }
+    }
+}
+
+MAPA_CLONES
+void logits_visits(const float* const* xt, index_t ld, index_t d, const float* const* y, index_t n, double scale,
+                   double* out) {
+    const int last = static_cast<int>(n) - 1;
+    const int at[4] = {0, last < 1 ? last : 1, last < 2 ? last : 2, last < 3 ? last : 3};
+    const float* xs[4] = {xt[at[0]], xt[at[1]], xt[at[2]], xt[at[3]]};
+    const float* ys[4] = {y[at[0]], y[at[1]], y[at[2]], y[at[3]]};
+    v16f acc[4][1];
+    column_sums_f<4, 1, false>(xs, ld, d, ys, acc);
+    for (int v = 0; v < static_cast<int>(n); ++v) {
+        v8d lo, hi;
+        scaled16(acc[v][0], scale, lo, hi);
+        store8(out + 16 * v, lo);
+        store8(out + 16 * v + 8, hi);
+    }
+}
+
 MAPA_CLONES
 double tile_max(const double* v, index_t len) {
     double m = -std::numeric_limits<double>::infinity();
@@ -320,9 +435,14 @@ template <class E>
 [[gnu::always_inline]] static inline void exp_sums_impl(const double* v, index_t ld, index_t rows, index_t len,
                                                        double* rowsum, double* colsum) {
     // Exponentials first, in their own loop, at their natural width; each
-    // row's sum over at most one tile in E, added in double; column sums in
-    // double, in row order.
+    // row's sum over at most one tile in E, added in double; each column's
+    // sum over the block's rows in E, in row order, then added in double.
     alignas(64) E q[kMaxTile];
+    alignas(64) E cs[kMaxTile];
+    if (colsum) {
+#pragma omp simd
+        for (index_t j = 0; j < len; ++j) cs[j] = 0;
+    }
     for (index_t r = 0; r < rows; ++r) {
         const double* vr = v + r * ld;
 #pragma omp simd
@@ -333,8 +453,11 @@ template <class E>
         rowsum[r] += static_cast<double>(s);
         if (!colsum) continue;
 #pragma omp simd
-        for (index_t j = 0; j < len; ++j) colsum[j] += static_cast<double>(q[j]);
+        for (index_t j = 0; j < len; ++j) cs[j] += q[j];
     }
+    if (!colsum) return;
+#pragma omp simd
+    for (index_t j = 0; j < len; ++j) colsum[j] += static_cast<double>(cs[j]);
 }
 
 MAPA_CLONES
@@ -499,25 +622,6 @@ MAPA_CLONES
 void pair_targets(const double* v, index_t ld, index_t rows, const double* u, const double* ut, index_t dw,
                   double* colacc, double* rowacc, double* scratch) {
     pair_targets_impl<double>(v, ld, rows, u, ut, dw, colacc, rowacc, scratch);
-}
-
-// Sixteen floats: the single-precision counterpart of v8d.
-typedef float v16f __attribute__((vector_size(64)));
-typedef float v8f __attribute__((vector_size(32)));
-
-[[gnu::always_inline]] static inline v16f load16(const float* p) {
-    v16f v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-
-// The low and high eight lanes of x, widened to double.
-[[gnu::always_inline]] static inline void widen(v16f x, v8d& lo, v8d& hi) {
-    v8f a, b;
-    std::memcpy(&a, &x, sizeof a);
-    std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof a, sizeof b);
-    lo = __builtin_convertvector(a, v8d);
-    hi = __builtin_convertvector(b, v8d);
 }
 
 MAPA_CLONES

@@ -41,6 +41,18 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t co
 void logits_visits(const double* const* xt, const double* const* xnorm, index_t ld, index_t d,
                    const double* const* y, const double* ynorm, index_t n, double scale, double* out);
 
+// Single-precision counterparts of logits_direct and logits_visits (direct
+// path only) for float32 problems: packed tiles and rows in float, each
+// squared distance summed in float (relative error at most about
+// (d + 1) 2^-24: each difference is rounded once, relative to itself, so
+// an offset shared by the points costs nothing), then widened
+// to double and scaled; the same outputs and contracts as above, and the two
+// agree bit for bit.
+void logits_direct(const float* xt, index_t ld, index_t cols, index_t d, const float* y, index_t rows,
+                   double scale, double* out, index_t len = 0, double* row_max = nullptr);
+void logits_visits(const float* const* xt, index_t ld, index_t d, const float* const* y, index_t n, double scale,
+                   double* out);
+
 // max_j v[j] (-inf when len == 0 or all entries are -inf).
 double tile_max(const double* v, index_t len);
 
@@ -76,7 +88,8 @@ constexpr index_t kMaxTile = 1024;
 // For rows r < rows of logits v (row stride ld, all <= 0) and q = exp(v):
 // rowsum[r] += sum_{j < len} q_rj and, unless colsum is null,
 // colsum[j] += sum_r q_rj. The last argument picks the precision of the
-// exponentials, as above.
+// exponentials, as above, and of the sums over one tile's columns or the
+// block's rows, which are then added in double.
 void exp_sums(const double* v, index_t ld, index_t rows, index_t len, double* rowsum, double* colsum, double);
 void exp_sums(const double* v, index_t ld, index_t rows, index_t len, double* rowsum, double* colsum, float);
 
