@@ -629,7 +629,8 @@ void pair_targets(const double* v, index_t ld, index_t rows, const float* u, con
                   double* colacc, double* rowacc, float* q0) {
     // As the double version, with q and the products in single precision:
     // each column's terms summed over the block's rows, and each row's over
-    // 128 columns at a time, in float, then added in double.
+    // 256 columns at a time (16 terms per lane either way), in float, then
+    // added in double.
     const index_t qld = ld + 16;
     for (index_t r = 0; r < rows; ++r) {
         const double* vr = v + r * ld;
@@ -644,7 +645,9 @@ void pair_targets(const double* v, index_t ld, index_t rows, const float* u, con
         for (index_t k0 = 0; k0 < dw; k0 += 4) {
             const index_t nk = dw - k0 < 4 ? dw - k0 : 4;
             const index_t kk[4] = {k0, k0 + (nk > 1 ? 1 : 0), k0 + (nk > 2 ? 2 : nk - 1), k0 + (nk > 3 ? 3 : nk - 1)};
-            v16f p[4][2] = {};
+            v16f p[4][2];
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) p[c][0] = p[c][1] = v16f{};
             for (index_t r = 0; r < rows; ++r) {
                 const float* q = q0 + r * qld + j;
                 const v16f a = load16(q), b = load16(q + 16);
@@ -675,10 +678,12 @@ void pair_targets(const double* v, index_t ld, index_t rows, const float* u, con
         for (index_t k0 = 0; k0 < dw; k0 += 2) {
             const index_t nk = dw - k0 < 2 ? 1 : 2;
             const float* uk[2] = {ut + k0 * ld, ut + (k0 + nk - 1) * ld};
-            v8d t[4][2] = {};
-            for (index_t c0 = 0; c0 < ld; c0 += 128) {
-                const index_t c1 = c0 + 128 < ld ? c0 + 128 : ld;
-                v16f s[4][2] = {};
+            v8d t[4][2];
+            for (int i = 0; i < 4; ++i) t[i][0] = t[i][1] = v8d{};
+            for (index_t c0 = 0; c0 < ld; c0 += 256) {
+                const index_t c1 = c0 + 256 < ld ? c0 + 256 : ld;
+                v16f s[4][2];
+                for (int i = 0; i < 4; ++i) s[i][0] = s[i][1] = v16f{};
                 for (index_t j = c0; j < c1; j += 16) {
                     const v16f a = load16(uk[0] + j), b = load16(uk[1] + j);
 #pragma GCC unroll 4

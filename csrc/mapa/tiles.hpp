@@ -122,7 +122,7 @@ void pair_targets(const double* v, index_t ld, index_t rows, const double* u, co
                   double* colacc, double* rowacc, double* scratch);
 // For float32 problems: u, ut and q (scratch: kTargetRows * (ld + 16)
 // floats) in single precision, and so the products; each column's terms
-// summed over the block's rows, and each row's over 128 columns, in float,
+// summed over the block's rows, and each row's over 256 columns, in float,
 // then added in double.
 void pair_targets(const double* v, index_t ld, index_t rows, const float* u, const float* ut, index_t dw,
                   double* colacc, double* rowacc, float* scratch);
