@@ -258,7 +258,9 @@ def prepare(
     # |x - mean|), which keeps any backend's ||x||^2 + ||y||^2 - 2 x.y form
     # accurate for offset data. float32 data are passed as given: rounding a
     # shifted copy back to float32 would move every point by up to half an
-    # ulp, and the backends form squared distances in float64 anyway.
+    # ulp, and the backends form their squared distances either in float64
+    # or (cpp, up to 32 features) from explicit float32 differences, whose
+    # error does not grow with the offset.
     center = Xa.mean(axis=0, dtype=np.float64) if dtype == np.float64 else np.zeros(Xa.shape[1])
     Xc = np.ascontiguousarray(Xa - center if center.any() else Xa, dtype=dtype)
     Yc = Xc if Ya is None else np.ascontiguousarray(Ya - center if center.any() else Ya, dtype=dtype)

@@ -29,8 +29,16 @@ Top-k keeps a bounded max-heap per row on (distance, index), so ties in
 distance go to the lower index; the reference sorts by log-probability, which
 can differ only where two distinct distances round to the same float64 logit.
 
+When the queries are the references (``log_normalizer`` without queries,
+and the first pass of ``targets``), the normalisers come from a symmetric
+pass instead: each unordered pair of tiles once, every term added to its
+row's and its column's sum, with no running minimum (every logit is <= 0,
+the self term is 0); per-slot sums in a fixed unit order keep the result
+reproducible.
+
 Parallelism: ``prange`` over blocks of query rows (``targets``: blocks of
-references, so each thread owns its output rows). Large problems are cut into
+references, so each thread owns its output rows; the symmetric pass: one
+slot of tile pairs per thread). Large problems are cut into
 chunks of rows of bounded work (about 0.1 s each), between which ``progress``
 is called and Ctrl-C is seen. Compiled signatures: the row kernel for a float64 and a float32 dense
 output, and the targets kernel (all cached on disk).
@@ -464,6 +472,54 @@ def _targets_kernel(XT, X, dmin, logs, dmin_tile_max, sq, scale, excl, i_start, 
                     _accumulate(p, f, nb, j0, sq, XT, i, W, S1, S2)
 
 
+@njit(parallel=True, cache=True, nogil=True)
+def _self_sums_kernel(XT, X, scale, excl, tile, ua, ub, u0, u1, sums):
+    """Row sums of exp(-scale d(i, j)) over the tile pairs (ua[u], ub[u]), u0 <= u < u1.
+
+    The queries are the references: unit u takes the rows of tile ua[u]
+    against the columns of tile ub[u] >= ua[u], and adds each term to its
+    row's sum and, off the diagonal, to its column's, so every unordered
+    pair is computed once. Every logit is <= 0, so no running minimum is
+    needed. Slot s of ``sums`` (slots, N) takes the units with u % slots == s,
+    in order, whatever thread runs it: the result is reproducible.
+    """
+    N = XT.shape[1]
+    slots = sums.shape[0]
+    for s in prange(slots):
+        dbuf = np.empty((2, tile), dtype=np.float64)
+        p = np.empty(tile, dtype=np.float64)
+        ik = np.empty(tile, dtype=np.int64)
+        f = ik.view(np.float64)
+        acc = sums[s]
+        u = u0 + (s - u0) % slots
+        while u < u1:
+            ta = ua[u]
+            tb = ub[u]
+            u += slots
+            i0 = ta * tile
+            i1 = min(N, i0 + tile)
+            j0 = tb * tile
+            nb = min(tile, N - j0)
+            for ip in range(i0, i1, 2):
+                _sq_dists2(XT, j0, nb, X[ip], X[min(ip + 1, i1 - 1)], dbuf[0], dbuf[1])
+                for h in range(min(2, i1 - ip)):
+                    i = ip + h
+                    d2 = dbuf[h]
+                    if excl and j0 <= i < j0 + nb:
+                        d2[i - j0] = np.inf
+                    _exp_terms(d2, nb, scale, 0.0, p, ik)
+                    acc[i] += _sum_terms(p, f, nb)
+                    if ta != tb:
+                        _add_terms(p, f, nb, acc, j0)
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _add_terms(p, f, nb, acc, j0):
+    a = acc[j0 : j0 + nb]
+    for j in range(nb):
+        a[j] += p[j] * f[j]
+
+
 # --------------------------------------------------------------------------
 # Python side: conversion, threads, chunks, progress
 # --------------------------------------------------------------------------
@@ -545,11 +601,56 @@ def _log_norm(dmin, logs, scale, dtype):
     return (logs - float(scale) * dmin).astype(dtype, copy=False)
 
 
+# A row sum (exclude_self) below N * 2^-960 may have lost terms under exp's
+# floor of e^-708 that the streaming minimum would keep: such problems are
+# redone row by row.
+_SELF_SUM_FLOOR = 2.0**-960
+
+
+def _self_log_norm(X64, XT, scale, exclude_self, block_size, num_threads, progress):
+    """(dmin, logs) of every point as its own query, each unordered pair once.
+
+    The log of the row sum is exact because every logit is <= 0 (the self
+    term is 0). It goes to logs, with dmin = 0, where it is >= 0 (always,
+    unless exclude_self), else to dmin = -log(sum) / scale with logs = 0:
+    the targets pass needs logs >= 0 to bound log q by its tile test. With
+    exclude_self and a row sum near the exponential's floor, the one-sided
+    pass is run instead.
+    """
+    N, D = X64.shape
+    tile = min(int(block_size) if block_size > 0 else _default_tile(D), N)
+    nt = -(-N // tile)
+    ua, ub = (a.astype(np.int64) for a in np.triu_indices(nt))
+    units = len(ua)
+    with _Threads(num_threads) as threads:
+        sums = np.zeros((threads, N))
+        # chunks of about _CHUNK_WORK, between which progress is reported
+        per_unit = tile * tile * (8 + D)
+        step = max(1, _CHUNK_WORK // per_unit)
+        step = max(threads, step // threads * threads)
+        for u0 in range(0, units, step):
+            u1 = min(units, u0 + step)
+            _self_sums_kernel(XT, X64, float(scale), bool(exclude_self), tile, ua, ub, u0, u1, sums)
+            if progress is not None:
+                progress(N * u1 // units, N)
+    total = sums.sum(axis=0)
+    if exclude_self and total.min() < N * _SELF_SUM_FLOOR:
+        return _run_rows(
+            XT, X64, scale, exclude_self, block_size, num_threads, progress, 0, _NO_DENSE, _NO_IDX, _NO_DENSE
+        )
+    ln = np.log(total)
+    neg = ln < 0.0
+    return np.where(neg, -ln / float(scale), 0.0), np.where(neg, 0.0, ln)
+
+
 def log_normalizer(X, Y, scale, exclude_self, block_size=0, num_threads=1, progress=None):
-    _, XT, Y64 = _as_f64(X, Y)
-    dmin, logs = _run_rows(
-        XT, Y64, scale, exclude_self, block_size, num_threads, progress, 0, _NO_DENSE, _NO_IDX, _NO_DENSE
-    )
+    X64, XT, Y64 = _as_f64(X, Y)
+    if Y64 is X64:
+        dmin, logs = _self_log_norm(X64, XT, scale, exclude_self, block_size, num_threads, progress)
+    else:
+        dmin, logs = _run_rows(
+            XT, Y64, scale, exclude_self, block_size, num_threads, progress, 0, _NO_DENSE, _NO_IDX, _NO_DENSE
+        )
     return _log_norm(dmin, logs, scale, X.dtype)
 
 
@@ -577,9 +678,7 @@ def targets(X, scale, exclude_self, block_size=0, num_threads=1, progress=None):
     total = 2 * N
     # pass 1: normaliser of every row n (progress 0 .. N)
     inner = None if progress is None else (lambda done, _total: progress(done, total))
-    dmin, logs = _run_rows(
-        XT, X64, scale, exclude_self, block_size, num_threads, inner, 0, _NO_DENSE, _NO_IDX, _NO_DENSE
-    )
+    dmin, logs = _self_log_norm(X64, XT, scale, exclude_self, block_size, num_threads, inner)
     # pass 2: per-reference sums, each thread owning a block of references (N .. 2N)
     sq = np.einsum("nd,nd->n", X64, X64)
     W = np.zeros(N)
