@@ -341,6 +341,38 @@ void normalizer_into(const Args& a, const PackedRefs& p, Out* out, Control& ctl,
         order);
 }
 
+// Run body(state, ta, tb, r0, rows) for every block of at most kRows rows
+// r0 .. r0 + rows of tile ta against tile tb, over the tile pairs ta <= tb
+// on a fixed schedule (thread i takes pairs i, i + threads, ...), so that
+// per-thread sums, and hence results, are reproducible; make_state(i)
+// builds thread i's state. Progress counts the ordered pairs each tile
+// pair stands for.
+template <class State, class MakeState, class Body>
+void over_tile_pairs(const PackedRefs& p, int threads, Control& ctl, MakeState make_state, Body body) {
+    std::vector<std::pair<index_t, index_t>> units;
+    for (index_t ta = 0; ta < p.ntiles; ++ta)
+        for (index_t tb = ta; tb < p.ntiles; ++tb) units.emplace_back(ta, tb);
+    parallel_blocks<State>(
+        static_cast<index_t>(units.size()), threads, ctl,
+        [&] {
+#ifdef _OPENMP
+            return make_state(static_cast<index_t>(omp_get_thread_num()));
+#else
+            return make_state(index_t{0});
+#endif
+        },
+        [&](State& s, index_t u) {
+            const auto [ta, tb] = units[static_cast<std::size_t>(u)];
+            const index_t end = ta * p.tb + p.len(ta);
+            for (index_t r0 = ta * p.tb; r0 < end; r0 += kRows) body(s, ta, tb, r0, std::min(kRows, end - r0));
+        },
+        [&](index_t u) {
+            const auto [ta, tb] = units[static_cast<std::size_t>(u)];
+            return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2);
+        },
+        /*fixed_schedule=*/true);
+}
+
 // Queries are the references themselves (Y is X).
 bool self_queries(const Args& a) { return a.y == a.x && a.m == a.n; }
 
@@ -355,10 +387,7 @@ bool self_queries(const Args& a) { return a.y == a.x && a.m == a.n; }
 // points) are redone with the streaming maximum.
 template <class T>
 void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& ctl) {
-    const index_t n = a.n, nt = p.ntiles;
-    std::vector<std::pair<index_t, index_t>> units;
-    for (index_t ta = 0; ta < nt; ++ta)
-        for (index_t tb = ta; tb < nt; ++tb) units.emplace_back(ta, tb);
+    const index_t n = a.n;
     const int threads = a.threads;
     std::vector<double> sums(static_cast<std::size_t>(threads * n), 0.0);  // one row of n per thread
     struct State {
@@ -366,32 +395,14 @@ void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& c
         double* sum;
     };
     const T* x = static_cast<const T*>(a.x);
-    parallel_blocks<State>(
-        static_cast<index_t>(units.size()), threads, ctl,
-        [&] {
-#ifdef _OPENMP
-            const index_t me = omp_get_thread_num();
-#else
-            const index_t me = 0;
-#endif
-            return State{RowBlock(a.d, p.ld), sums.data() + me * n};
-        },
-        [&](State& s, index_t u) {
-            const auto [ta, tb] = units[static_cast<std::size_t>(u)];
-            const index_t len = p.len(tb);
-            double* col = ta == tb ? nullptr : s.sum + tb * p.tb;
-            for (index_t r0 = ta * p.tb; r0 < ta * p.tb + p.len(ta); r0 += kRows) {
-                const index_t rows = std::min(kRows, ta * p.tb + p.len(ta) - r0);
-                s.block.load(x, r0, rows, a.d, p.shift(), nullptr, nullptr);
-                tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
-                exp_sums(s.block.logits.data(), p.ld, rows, len, s.sum + r0, col, T{});
-            }
-        },
-        [&](index_t u) {
-            const auto [ta, tb] = units[static_cast<std::size_t>(u)];
-            return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2);
-        },
-        /*fixed_schedule=*/true);  // each thread's sums, hence the result, reproducible
+    over_tile_pairs<State>(
+        p, threads, ctl, [&](index_t me) { return State{RowBlock(a.d, p.ld), sums.data() + me * n}; },
+        [&](State& s, index_t ta, index_t tb, index_t r0, index_t rows) {
+            s.block.load(x, r0, rows, a.d, p.shift(), nullptr, nullptr);
+            tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
+            exp_sums(s.block.logits.data(), p.ld, rows, p.len(tb), s.sum + r0, ta == tb ? nullptr : s.sum + tb * p.tb,
+                     T{});
+        });
     // Terms below exp's range are flushed to 0 (float: e^-87, double: e^-708);
     // a sum of at least n * 2^-100 (2^-960) leaves them below 2^-26 (2^-61)
     // of it.
@@ -643,8 +654,8 @@ void one_sided_targets(const Args& a, const PackedRefs& p, const double* lnorm, 
 // Symmetric: each unordered pair's distance and exponential e_ij = exp(l_ij)
 // once, with q_ij = e_ij / Z_i: the pair adds e_ij u_i to reference j's sums
 // and e_ij u_j to reference i's, where u_i = (1, y_i, ||y_i||^2) / Z_i.
-// Work units and thread schedule as in self_normalizer, each thread with
-// sums for every reference, added in thread order at the end.
+// Tile pairs on over_tile_pairs' fixed schedule, each thread with sums for
+// every reference, added in thread order at the end.
 //
 // Where log Z_i >= 0 (always, unless exclude_self), q_ij <= e_ij, so every
 // term the one-sided form resolves (q_ij above the exponential's floor) is
@@ -676,9 +687,6 @@ void symmetric_targets(const Args& a, const PackedRefs& p, const double* lnorm, 
         T* col = ut.data() + (i / p.tb) * per + i % p.tb;
         for (index_t k = 0; k < dw; ++k) col[k * ld] = ui[k];
     }
-    std::vector<std::pair<index_t, index_t>> units;
-    for (index_t ta = 0; ta < nt; ++ta)
-        for (index_t tb = ta; tb < nt; ++tb) units.emplace_back(ta, tb);
     const int threads = a.threads;
     std::vector<double> sums(static_cast<std::size_t>(threads * nt * per), 0.0);
     struct State {
@@ -686,32 +694,18 @@ void symmetric_targets(const Args& a, const PackedRefs& p, const double* lnorm, 
         double* acc;
         std::vector<T> q;
     };
-    parallel_blocks<State>(
-        static_cast<index_t>(units.size()), threads, ctl,
-        [&] {
-#ifdef _OPENMP
-            const index_t me = omp_get_thread_num();
-#else
-            const index_t me = 0;
-#endif
+    over_tile_pairs<State>(
+        p, threads, ctl,
+        [&](index_t me) {
             return State{RowBlock(d, ld), sums.data() + me * nt * per,
                          std::vector<T>(static_cast<std::size_t>(kTargetRows * (ld + 16)))};
         },
-        [&](State& s, index_t unit) {
-            const auto [ta, tb] = units[static_cast<std::size_t>(unit)];
-            for (index_t r0 = ta * p.tb; r0 < ta * p.tb + p.len(ta); r0 += kRows) {
-                const index_t rows = std::min(kRows, ta * p.tb + p.len(ta) - r0);
-                s.block.load(x, r0, rows, d, c, nullptr, nullptr);
-                tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
-                pair_targets(s.block.logits.data(), ld, rows, u.data() + r0 * dw, ut.data() + tb * per, dw,
-                             s.acc + tb * per, ta == tb ? nullptr : s.acc + ta * per + (r0 - ta * p.tb), s.q.data());
-            }
-        },
-        [&](index_t unit) {
-            const auto [ta, tb] = units[static_cast<std::size_t>(unit)];
-            return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2);
-        },
-        /*fixed_schedule=*/true);  // each thread's sums, hence the result, reproducible
+        [&](State& s, index_t ta, index_t tb, index_t r0, index_t rows) {
+            s.block.load(x, r0, rows, d, c, nullptr, nullptr);
+            tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
+            pair_targets(s.block.logits.data(), ld, rows, u.data() + r0 * dw, ut.data() + tb * per, dw,
+                         s.acc + tb * per, ta == tb ? nullptr : s.acc + ta * per + (r0 - ta * p.tb), s.q.data());
+        });
     for (int t = 0; t < threads; ++t) {
         const double* st = sums.data() + static_cast<std::size_t>(t) * nt * per;
         for (index_t i = 0; i < nt * per; ++i) tot[i] += st[i];

@@ -105,12 +105,31 @@ template <int R, bool Expand, bool Shared>
     store8(o + 8, d1 * -scale);
 }
 
+// top = max(top, v[0], .., v[N - 1]), where v[i] holds columns j0 + 8i ..
+// j0 + 8i + 7 and columns >= len (padding) do not count.
+template <int N>
+[[gnu::always_inline]] static inline void fold_max(v8d& top, v8d (&v)[N], index_t j0, index_t len) {
+    constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+    const v8d lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    if (j0 + 8 * N > len) {
+        for (int i = 0; i < N; ++i)
+            v[i] = lane + static_cast<double>(j0 + 8 * i) < static_cast<double>(len) ? v[i] : kNegInf;
+    }
+    for (int i = 0; i < N; ++i) top = top > v[i] ? top : v[i];
+}
+
+// Largest of the eight lanes.
+[[gnu::always_inline]] static inline double lane_max(v8d v) {
+    double m = v[0];
+    for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
 MAPA_CLONES
 void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const double* y,
                    index_t rows, double scale, double* out, index_t len, double* row_max) {
     static_assert(kTileAlign % 16 == 0, "two vectors per column block");
     constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-    const v8d lane = {0, 1, 2, 3, 4, 5, 6, 7};
     // Four rows at a time share each loaded column vector.
     constexpr index_t kBlockRows = 4;
     for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
@@ -126,23 +145,13 @@ void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const 
             column_sums<kBlockRows, false, true>(xs, ld, d, ys, acc);
             for (index_t r = 0; r < nr; ++r) {
                 double* o = out + (r0 + r) * cols + j0;
-                v8d v0 = acc[r][0] * -scale, v1 = acc[r][1] * -scale;
-                store8(o, v0);
-                store8(o + 8, v1);
-                if (!row_max) continue;
-                if (j0 + 16 > len) {  // padding columns do not count
-                    v0 = lane + static_cast<double>(j0) < static_cast<double>(len) ? v0 : kNegInf;
-                    v1 = lane + static_cast<double>(j0 + 8) < static_cast<double>(len) ? v1 : kNegInf;
-                }
-                const v8d m = v0 > v1 ? v0 : v1;
-                top[r] = top[r] > m ? top[r] : m;
+                v8d v[2] = {acc[r][0] * -scale, acc[r][1] * -scale};
+                store8(o, v[0]);
+                store8(o + 8, v[1]);
+                if (row_max) fold_max(top[r], v, j0, len);
             }
         }
-        for (index_t r = 0; row_max && r < nr; ++r) {
-            double m = top[r][0];
-            for (int i = 1; i < 8; ++i) m = top[r][i] > m ? top[r][i] : m;
-            row_max[r0 + r] = m;
-        }
+        for (index_t r = 0; row_max && r < nr; ++r) row_max[r0 + r] = lane_max(top[r]);
     }
 }
 
@@ -241,7 +250,6 @@ void logits_direct(const float* xt, index_t ld, index_t cols, index_t d, const f
                    double scale, double* out, index_t len, double* row_max) {
     static_assert(kTileAlign % 32 == 0, "two float vectors per column block");
     constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-    const v8d lane = {0, 1, 2, 3, 4, 5, 6, 7};
     constexpr index_t kBlockRows = 4;
     for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
         const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
@@ -259,21 +267,10 @@ void logits_direct(const float* xt, index_t ld, index_t cols, index_t d, const f
                 scaled16(acc[r][0], scale, v[0], v[1]);
                 scaled16(acc[r][1], scale, v[2], v[3]);
                 for (int i = 0; i < 4; ++i) store8(o + 8 * i, v[i]);
-                if (!row_max) continue;
-                if (j0 + 32 > len) {  // padding columns do not count
-                    for (int i = 0; i < 4; ++i)
-                        v[i] = lane + static_cast<double>(j0 + 8 * i) < static_cast<double>(len) ? v[i] : kNegInf;
-                }
-                const v8d m01 = v[0] > v[1] ? v[0] : v[1], m23 = v[2] > v[3] ? v[2] : v[3];
-                const v8d m = m01 > m23 ? m01 : m23;
-                top[r] = top[r] > m ? top[r] : m;
+                if (row_max) fold_max(top[r], v, j0, len);
             }
         }
-        for (index_t r = 0; row_max && r < nr; ++r) {
-            double m = top[r][0];
-            for (int i = 1; i < 8; ++i) m = top[r][i] > m ? top[r][i] : m;
-            row_max[r0 + r] = m;
-        }
+        for (index_t r = 0; row_max && r < nr; ++r) row_max[r0 + r] = lane_max(top[r]);
     }
 }
 

@@ -177,6 +177,19 @@ def _sq_dists2(XT, j0, nb, ya, yb, da, db):
 
 
 @njit(cache=True, nogil=True)
+def _ref_pair_dists(XT, X, ip, i1, j0, nb, excl, dbuf):
+    """dbuf[h, j] = ||x_{ip+h} - x_{j0+j}||^2 for the references ip and ip + 1
+    as queries (a lone last row, ip + 1 == i1, repeats ip), each one's own
+    column set to inf when ``excl``.
+    """
+    _sq_dists2(XT, j0, nb, X[ip], X[min(ip + 1, i1 - 1)], dbuf[0], dbuf[1])
+    if excl:
+        for h in range(min(2, i1 - ip)):
+            if j0 <= ip + h < j0 + nb:
+                dbuf[h, ip + h - j0] = np.inf
+
+
+@njit(cache=True, nogil=True)
 def _min_bits(d2i, nb):
     """Minimum of non-negative float64 values, compared as their int64 bit patterns."""
     mn = _INF_BITS
@@ -458,12 +471,10 @@ def _targets_kernel(XT, X, dmin, logs, dmin_tile_max, sq, scale, excl, i_start, 
         for j0 in range(0, N, tile):
             nb = min(tile, N - j0)
             for ip in range(i0, i1, 2):
-                _sq_dists2(XT, j0, nb, X[ip], X[min(ip + 1, i1 - 1)], dbuf[0], dbuf[1])
+                _ref_pair_dists(XT, X, ip, i1, j0, nb, excl, dbuf)
                 for h in range(min(2, i1 - ip)):
                     i = ip + h
                     d2 = dbuf[h]
-                    if excl and j0 <= i < j0 + nb:
-                        d2[i - j0] = np.inf
                     bits[0] = _min_bits(ibuf[h], nb)
                     if scale * (dmin_tile_max[j0 // tile] - bitsf[0]) < _EXP_MIN:
                         continue
@@ -501,12 +512,10 @@ def _self_sums_kernel(XT, X, scale, excl, tile, ua, ub, u0, u1, sums):
             j0 = tb * tile
             nb = min(tile, N - j0)
             for ip in range(i0, i1, 2):
-                _sq_dists2(XT, j0, nb, X[ip], X[min(ip + 1, i1 - 1)], dbuf[0], dbuf[1])
+                _ref_pair_dists(XT, X, ip, i1, j0, nb, excl, dbuf)
                 for h in range(min(2, i1 - ip)):
                     i = ip + h
                     d2 = dbuf[h]
-                    if excl and j0 <= i < j0 + nb:
-                        d2[i - j0] = np.inf
                     _exp_terms(d2, nb, scale, 0.0, p, ik)
                     acc[i] += _sum_terms(p, f, nb)
                     if ta != tb:
