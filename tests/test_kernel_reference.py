@@ -214,6 +214,26 @@ def test_float32_tiny_bandwidth_data_near_origin(backend):
     assert_logq_close(mapa.log_posterior(X, bandwidth=h, backend=backend), ref_log_posterior(X, X, h), np.float32)
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e-22])
+def test_float32_extreme_magnitudes(backend, scale):
+    # float32 data whose squared distances would overflow float (coordinates
+    # ~1e20 with h ~1e19) or sink into its subnormal range (coordinates
+    # ~1e-22 with h ~1e-23): the cpp kernel must keep float64 distances for
+    # these (its float distances are only for data well inside float's
+    # range), and every backend must still match the float64 reference.
+    X = make_clusters(40, 3, 0.1, dtype=np.float64, seed=5) * scale
+    X = X.astype(np.float32)
+    h = 0.1 * scale
+    R = ref_log_posterior(X, X, h)
+    assert (R > LOGQ_FLOOR).sum(axis=1).max() >= 3
+    assert np.isfinite(R[R > LOGQ_FLOOR]).all()
+    assert_logq_close(mapa.log_posterior(X, bandwidth=h, backend=backend), R, np.float32)
+    assert_lognorm_close(mapa.log_normalizer(X, bandwidth=h, backend=backend), ref_log_normalizer(X, X, h), np.float32)
+    check_topk(mapa.log_posterior_topk(X, bandwidth=h, k=5, backend=backend), X, X, h, 5, np.float32)
+    # (posterior_targets is left out: its sq_norms, ~scale^2, are beyond
+    # float32 output at both magnitudes.)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_far_query_has_finite_correct_normaliser(backend, dtype):
     # A query at distance ~1e3 from every reference: every exp underflows, but the

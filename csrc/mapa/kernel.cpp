@@ -51,17 +51,37 @@ index_t tile_length(index_t n, index_t d, index_t tile, bool single) {
                     : default_tile(n, d, single);
 }
 
-// `perm` (or nullptr): packed position i holds reference perm[i].
+// Whether a problem takes the single-precision distances: float32 data on
+// the direct path, whose squared distances can neither overflow float (every
+// coordinate below 4e18 / sqrt(d)) nor lose digits that matter to float's
+// subnormal range (scale <= 1e30: an absolute error of 2^-149 per term then
+// moves a logit by under 1e-14 d). Anything else keeps float64 distances.
 template <class T>
-PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads, const index_t* perm = nullptr) {
+bool float_distances(const Args& a) {
+    if (!std::is_same_v<T, float> || a.d > kDirectMaxFeatures || !(a.scale <= 1e30)) return false;
+    const float limit = static_cast<float>(4e18 / std::sqrt(static_cast<double>(a.d)));
+    const auto within = [&](const void* data, index_t rows) {
+        const float* v = static_cast<const float*>(data);
+        float top = 0.0f;
+        for (index_t i = 0; i < rows * a.d; ++i) top = std::max(top, std::fabs(v[i]));
+        return top < limit;
+    };
+    return within(a.x, a.n) && (a.y == a.x || within(a.y, a.m));
+}
+
+// `perm` (or nullptr): packed position i holds reference perm[i]; `single`:
+// float tiles (see float_distances).
+template <class T>
+PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads, bool single,
+                const index_t* perm = nullptr) {
     PackedRefs p;
     p.n = n;
     p.d = d;
-    p.tb = tile_length(n, d, tile, std::is_same_v<T, float> && d <= kDirectMaxFeatures);
+    p.tb = tile_length(n, d, tile, single);
     p.ld = (p.tb + kTileAlign - 1) / kTileAlign * kTileAlign;
     p.ntiles = (n + p.tb - 1) / p.tb;
     p.expand = d > kDirectMaxFeatures;
-    p.single = std::is_same_v<T, float> && !p.expand;
+    p.single = single && !p.expand;
     if (p.single) {
         p.fdata.assign(static_cast<std::size_t>(p.ntiles * d * p.ld), 0.0f);
     } else {
@@ -443,7 +463,7 @@ index_t default_tile(index_t n, index_t d, bool single) {
 template <class T>
 void log_normalizer(const Args& a, T* out, Control& ctl) {
     ctl.set_total(a.m * a.n);
-    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads);
+    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, float_distances<T>(a));
     if (!self_queries(a)) return normalizer_into<T>(a, p, out, ctl);
     std::vector<double> ln(static_cast<std::size_t>(a.n));
     self_normalizer<T>(a, p, ln.data(), ctl);
@@ -461,7 +481,7 @@ struct DenseState : NormState<T> {
 template <class T>
 void log_posterior(const Args& a, T* out, Control& ctl) {
     ctl.set_total(a.m * a.n);
-    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads);
+    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, float_distances<T>(a));
     if (self_queries(a)) {
         // The normalisers first (each pair once), then every entry is
         // written once, final, as its logit minus the row's normaliser.
@@ -523,9 +543,9 @@ struct TopKState : NormState<T> {
 template <class T>
 void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, Control& ctl) {
     ctl.set_total(a.m * a.n);
-    const Order order =
-        locality_order<T>(a, tile_length(a.n, a.d, a.tile, std::is_same_v<T, float> && a.d <= kDirectMaxFeatures));
-    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, order.refs.data());
+    const bool single = float_distances<T>(a);
+    const Order order = locality_order<T>(a, tile_length(a.n, a.d, a.tile, single));
+    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, single, order.refs.data());
     // One pass over the references streams the normaliser and keeps, per row,
     // the 16-column blocks whose maxima are among the k largest, ties at the
     // k-th value L included. L is a lower bound on the k-th best entry (k
@@ -717,7 +737,7 @@ template <class T>
 void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
     const index_t n = a.n, d = a.d, dw = d + 2;
     ctl.set_total(2 * n * n);
-    const PackedRefs p = pack(static_cast<const T*>(a.x), n, d, a.tile, a.threads);
+    const PackedRefs p = pack(static_cast<const T*>(a.x), n, d, a.tile, a.threads, float_distances<T>(a));
     // Pass 1: exact log-normaliser of every row, kept in double.
     std::vector<double> lnorm(static_cast<std::size_t>(n));
     self_normalizer<T>(a, p, lnorm.data(), ctl);
