@@ -191,13 +191,19 @@ struct Lse {
     double max = kNegInf;
     double sum = 0.0;
 
-    // Fold in one tile of logits whose maximum is `tm`.
+    // Below this, exp_nonpos gives exactly 0 (float: under -87, double:
+    // under -708, with a margin for the rounding of v - max to T).
+    static constexpr double kFloor = std::is_same_v<T, float> ? -88.0 : -709.0;
+
+    // Fold in one tile of logits whose maximum is `tm`. A tile whose every
+    // term is exactly 0 adds nothing and is skipped.
     void update(const double* v, index_t len, double tm) {
         if (tm == kNegInf) return;
         if (tm > max) {
             sum *= std::exp(max - tm);
             max = tm;
         }
+        if (tm - max < kFloor) return;
         sum += sum_exp_shifted(v, len, max, T{});
     }
     double value() const { return max + std::log(sum); }
