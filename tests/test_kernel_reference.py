@@ -235,6 +235,27 @@ def test_float32_extreme_magnitudes(backend, scale):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_far_apart_groups(backend, dtype, exclude_self):
+    # Groups of points far apart on a line, tiles of 32: with the queries the
+    # references, the cpp kernel sorts the points along a Z-order curve and
+    # leaves out the tile pairs whose every exponential is exactly 0 (here
+    # most of them). Every output must still match the float64 reference,
+    # including the groups' edges, where tile pairs are kept.
+    rng = np.random.default_rng(8)
+    h = 1.0
+    centres = np.arange(8) * 40.0
+    X = centres[rng.integers(0, 8, 400)][:, None] + 3.0 * rng.standard_normal((400, 1))
+    X = np.hstack([X, 0.5 * rng.standard_normal((400, 1))]).astype(dtype)
+    R = ref_log_posterior(X, X, h, exclude_self)
+    kw = dict(bandwidth=h, exclude_self=exclude_self, backend=backend, block_size=32)
+    assert_logq_close(mapa.log_posterior(X, **kw), R, dtype)
+    assert_lognorm_close(mapa.log_normalizer(X, **kw), ref_log_normalizer(X, X, h, exclude_self), dtype)
+    check_topk(mapa.log_posterior_topk(X, k=6, **kw), X, X, h, 6, dtype, exclude_self)
+    check_targets(mapa.posterior_targets(X, **kw), X, h, dtype, exclude_self)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_far_query_has_finite_correct_normaliser(backend, dtype):
     # A query at distance ~1e3 from every reference: every exp underflows, but the
     # normaliser is finite (about -1e6 / (2 h^2)) and the row still sums to one.

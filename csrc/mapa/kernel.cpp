@@ -36,6 +36,10 @@ struct PackedRefs {
     // The expansion ||y||^2 + ||x||^2 - 2 y.x loses precision far from the
     // origin, so that path works on data shifted by the reference mean.
     std::vector<double> center;  // d, when expand; empty otherwise
+    // Each tile's bounding box in the packed coordinates, and the largest
+    // squared norm there (for the expansion's rounding error).
+    std::vector<double> lo, hi;  // ntiles * d
+    double r2max = 0.0;
 
     const double* shift() const { return center.empty() ? nullptr : center.data(); }
 
@@ -122,7 +126,45 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads, boo
             if (p.expand) p.norms[t * p.ld + j] = sq;
         }
     }
+    p.lo.assign(static_cast<std::size_t>(p.ntiles * d), std::numeric_limits<double>::infinity());
+    p.hi.assign(static_cast<std::size_t>(p.ntiles * d), -std::numeric_limits<double>::infinity());
+    for (index_t t = 0; t < p.ntiles; ++t) {
+        for (index_t j = 0; j < p.len(t); ++j) {
+            double sq = 0.0;
+            for (index_t k = 0; k < d; ++k) {
+                const double v = p.single ? static_cast<double>(p.ftile(t)[k * p.ld + j]) : p.tile(t)[k * p.ld + j];
+                p.lo[static_cast<std::size_t>(t * d + k)] = std::min(p.lo[static_cast<std::size_t>(t * d + k)], v);
+                p.hi[static_cast<std::size_t>(t * d + k)] = std::max(p.hi[static_cast<std::size_t>(t * d + k)], v);
+                sq += v * v;
+            }
+            p.r2max = std::max(p.r2max, sq);
+        }
+    }
     return p;
+}
+
+// Whether every exponential between tiles ta and tb is exactly 0: the
+// boxes' gap bounds each pair's squared distance from below; the computed
+// distances may fall short of the exact ones by a relative (d + 1) 2^-24
+// (float sums, d <= 32) or, on the expansion path, an absolute
+// (d + 3) 2^-50 r2max, both covered by the slack; `floor` is the logit
+// under which exp_nonpos of the precision used gives 0 (with a margin).
+bool tiles_apart(const PackedRefs& p, index_t ta, index_t tb, double scale, double floor) {
+    double gap2 = 0.0;
+    for (index_t k = 0; k < p.d; ++k) {
+        const std::size_t a = static_cast<std::size_t>(ta * p.d + k), b = static_cast<std::size_t>(tb * p.d + k);
+        const double g = std::max({0.0, p.lo[b] - p.hi[a], p.lo[a] - p.hi[b]});
+        gap2 += g * g;
+    }
+    const double slack = gap2 * 0x1p-16 + (p.expand ? static_cast<double>(p.d + 3) * 0x1p-50 * p.r2max : 0.0);
+    return -scale * (gap2 - slack) < floor;
+}
+
+// Logit below which exp_nonpos gives exactly 0 in the precision T picks
+// (float: under -87, double: under -708), with a margin for rounding.
+template <class T>
+constexpr double exp_floor() {
+    return std::is_same_v<T, float> ? -88.0 : -709.0;
 }
 
 // Query rows as doubles, with their squared norms: the rows at positions
@@ -193,7 +235,7 @@ struct Lse {
 
     // Below this, exp_nonpos gives exactly 0 (float: under -87, double:
     // under -708, with a margin for the rounding of v - max to T).
-    static constexpr double kFloor = std::is_same_v<T, float> ? -88.0 : -709.0;
+    static constexpr double kFloor = exp_floor<T>();
 
     // Fold in one tile of logits whose maximum is `tm`. A tile whose every
     // term is exactly 0 adds nothing and is skipped.
@@ -221,8 +263,9 @@ struct Order {
     std::vector<index_t> start;     // per block of kRows queries: first tile
 };
 
+// Without queries, only refs and position are filled.
 template <class T>
-Order locality_order(const Args& a, index_t tb) {
+Order locality_order(const Args& a, index_t tb, bool with_queries = true) {
     const T* x = static_cast<const T*>(a.x);
     const T* y = static_cast<const T*>(a.y);
     const index_t n = a.n, m = a.m, d = a.d;
@@ -265,6 +308,7 @@ Order locality_order(const Args& a, index_t tb) {
     o.refs = sorted(x, n, xkeys);
     o.position.resize(static_cast<std::size_t>(n));
     for (index_t i = 0; i < n; ++i) o.position[static_cast<std::size_t>(o.refs[static_cast<std::size_t>(i)])] = i;
+    if (!with_queries) return o;
     o.queries = sorted(y, m, ykeys);
     const index_t ntiles = (n + tb - 1) / tb;
     for (index_t r0 = 0; r0 < m; r0 += kRows) {
@@ -371,13 +415,23 @@ void normalizer_into(const Args& a, const PackedRefs& p, Out* out, Control& ctl,
 // r0 .. r0 + rows of tile ta against tile tb, over the tile pairs ta <= tb
 // on a fixed schedule (thread i takes pairs i, i + threads, ...), so that
 // per-thread sums, and hence results, are reproducible; make_state(i)
-// builds thread i's state. Progress counts the ordered pairs each tile
-// pair stands for.
+// builds thread i's state. Pairs of distinct tiles whose every
+// exponential is exactly 0 (tiles_apart at `floor`) are left out. Progress
+// counts the ordered pairs each tile pair stands for.
 template <class State, class MakeState, class Body>
-void over_tile_pairs(const PackedRefs& p, int threads, Control& ctl, MakeState make_state, Body body) {
+void over_tile_pairs(const PackedRefs& p, int threads, double scale, double floor, Control& ctl,
+                     MakeState make_state, Body body) {
     std::vector<std::pair<index_t, index_t>> units;
+    index_t skipped = 0;
     for (index_t ta = 0; ta < p.ntiles; ++ta)
-        for (index_t tb = ta; tb < p.ntiles; ++tb) units.emplace_back(ta, tb);
+        for (index_t tb = ta; tb < p.ntiles; ++tb) {
+            if (ta != tb && tiles_apart(p, ta, tb, scale, floor)) {
+                skipped += 2 * p.len(ta) * p.len(tb);
+            } else {
+                units.emplace_back(ta, tb);
+            }
+        }
+    ctl.advance(skipped, /*is_master=*/true);
     parallel_blocks<State>(
         static_cast<index_t>(units.size()), threads, ctl,
         [&] {
@@ -410,19 +464,24 @@ bool self_queries(const Args& a) { return a.y == a.x && a.m == a.n; }
 // maximum is needed: every logit is <= 0 and, with the self term, each row's
 // maximum is exactly 0. Only with exclude_self can a row's sum be so small
 // that terms were lost below the exponential's range; such rows (isolated
-// points) are redone with the streaming maximum.
+// points) are redone with the streaming maximum. With an order, p was
+// packed in order->refs, xrows holds the points in that order, and out is
+// still indexed by the input rows.
 template <class T>
-void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& ctl) {
+void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& ctl, const Order* order = nullptr,
+                     const T* xrows = nullptr) {
     const index_t n = a.n;
+    const index_t* refs = order ? order->refs.data() : nullptr;
     const int threads = a.threads;
     std::vector<double> sums(static_cast<std::size_t>(threads * n), 0.0);  // one row of n per thread
     struct State {
         RowBlock block;
         double* sum;
     };
-    const T* x = static_cast<const T*>(a.x);
+    const T* x = xrows ? xrows : static_cast<const T*>(a.x);
     over_tile_pairs<State>(
-        p, threads, ctl, [&](index_t me) { return State{RowBlock(a.d, p.ld), sums.data() + me * n}; },
+        p, threads, a.scale, exp_floor<T>(), ctl,
+        [&](index_t me) { return State{RowBlock(a.d, p.ld), sums.data() + me * n}; },
         [&](State& s, index_t ta, index_t tb, index_t r0, index_t rows) {
             s.block.load(x, r0, rows, a.d, p.shift(), nullptr, nullptr);
             tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
@@ -434,11 +493,13 @@ void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& c
     // of it.
     const double floor = n * (std::is_same_v<T, float> ? std::ldexp(1.0, -100) : std::ldexp(1.0, -960));
     Order redo;
+    if (order) redo.position = order->position;
     for (index_t i = 0; i < n; ++i) {
         double total = 0.0;
         for (int t = 0; t < threads; ++t) total += sums[static_cast<std::size_t>(t * n + i)];
-        out[i] = std::log(total);
-        if (total < floor) redo.queries.push_back(i);
+        const index_t g = refs ? refs[i] : i;
+        out[g] = std::log(total);
+        if (total < floor) redo.queries.push_back(g);
     }
     if (redo.queries.empty()) return;
     Args b = a;
@@ -466,13 +527,63 @@ index_t default_tile(index_t n, index_t d, bool single) {
     return std::max<index_t>(kTileAlign, std::min(tb, nr));
 }
 
+namespace {
+// The references for the symmetric passes, packed in the locality order
+// when the data's diameter is more than twice the distance beyond which
+// every exponential is 0: nearby points then share tiles, and tile pairs
+// far apart can be left out whole. Otherwise (few pairs that far) in the
+// input order, which costs no sort; order.refs and order.position are then
+// the identity.
+template <class T>
+struct SortedRefs {
+    Order order;
+    PackedRefs p;
+    std::vector<T> copy;   // the points in order.refs, when sorted
+    const T* x = nullptr;  // the points in packed order
+};
+
+template <class T>
+SortedRefs<T> sorted_refs(const Args& a) {
+    const bool single = float_distances<T>(a);
+    const T* x = static_cast<const T*>(a.x);
+    double diam2 = 0.0;
+    for (index_t k = 0; k < a.d; ++k) {
+        double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+        for (index_t i = 0; i < a.n; ++i) {
+            lo = std::min(lo, static_cast<double>(x[i * a.d + k]));
+            hi = std::max(hi, static_cast<double>(x[i * a.d + k]));
+        }
+        diam2 += (hi - lo) * (hi - lo);
+    }
+    const double reach2 = -exp_floor<T>() / a.scale;  // squared distance beyond which exp(logit) = 0
+    SortedRefs<T> s;
+    s.x = x;
+    if (diam2 > 4.0 * reach2) {
+        s.order = locality_order<T>(a, tile_length(a.n, a.d, a.tile, single), /*with_queries=*/false);
+        s.copy.resize(static_cast<std::size_t>(a.n * a.d));
+        for (index_t i = 0; i < a.n; ++i)
+            std::copy_n(x + s.order.refs[static_cast<std::size_t>(i)] * a.d, a.d, s.copy.data() + i * a.d);
+        s.x = s.copy.data();
+    } else {
+        s.order.refs.resize(static_cast<std::size_t>(a.n));
+        for (index_t i = 0; i < a.n; ++i) s.order.refs[static_cast<std::size_t>(i)] = i;
+        s.order.position = s.order.refs;
+    }
+    s.p = pack(x, a.n, a.d, a.tile, a.threads, single, s.order.refs.data());
+    return s;
+}
+}  // namespace
+
 template <class T>
 void log_normalizer(const Args& a, T* out, Control& ctl) {
     ctl.set_total(a.m * a.n);
-    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, float_distances<T>(a));
-    if (!self_queries(a)) return normalizer_into<T>(a, p, out, ctl);
+    if (!self_queries(a)) {
+        const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, float_distances<T>(a));
+        return normalizer_into<T>(a, p, out, ctl);
+    }
+    const SortedRefs<T> s = sorted_refs<T>(a);
     std::vector<double> ln(static_cast<std::size_t>(a.n));
-    self_normalizer<T>(a, p, ln.data(), ctl);
+    self_normalizer<T>(a, s.p, ln.data(), ctl, &s.order, s.x);
     for (index_t i = 0; i < a.n; ++i) out[i] = static_cast<T>(ln[static_cast<std::size_t>(i)]);
 }
 
@@ -493,7 +604,10 @@ void log_posterior(const Args& a, T* out, Control& ctl) {
         // written once, final, as its logit minus the row's normaliser.
         ctl.set_total(2 * a.m * a.n);
         std::vector<double> ln(static_cast<std::size_t>(a.n));
-        self_normalizer<T>(a, p, ln.data(), ctl);
+        {
+            const SortedRefs<T> s = sorted_refs<T>(a);
+            self_normalizer<T>(a, s.p, ln.data(), ctl, &s.order, s.x);
+        }
         over_query_blocks<T, NormState<T>>(
             a, p, ctl, [&] { return NormState<T>(a.d, p.ld); },
             [&](NormState<T>& s, index_t r0, index_t rows, index_t t) {
@@ -651,13 +765,14 @@ constexpr double kSymmetricTargetBytes = 512.0 * (1 << 20);
 // sum_i q_ij ||y_i||^2 (row d + 1), all in the packed (possibly shifted)
 // coordinates.
 
-// One-sided: the query rows `rows` (every row when null) against each
-// reference tile in turn, q_ij = exp(l_ij - lnorm_i) computed directly. One
+// One-sided: the query rows `rows` (input rows; every row when null)
+// against each reference tile in turn (p packed in order.refs), q_ij =
+// exp(l_ij - lnorm_i) computed directly. One
 // reference tile per unit of work, so each thread owns the part of tot it
 // writes.
 template <class T>
-void one_sided_targets(const Args& a, const PackedRefs& p, const double* lnorm, const std::vector<index_t>* rows,
-                       double* tot, Control& ctl) {
+void one_sided_targets(const Args& a, const PackedRefs& p, const Order& order, const double* lnorm,
+                       const std::vector<index_t>* rows, double* tot, Control& ctl) {
     const index_t d = a.d, dw = d + 2, m = rows ? static_cast<index_t>(rows->size()) : a.n;
     std::vector<double> ln(static_cast<std::size_t>(m));
     for (index_t i = 0; i < m; ++i) ln[static_cast<std::size_t>(i)] = lnorm[rows ? (*rows)[static_cast<std::size_t>(i)] : i];
@@ -668,7 +783,7 @@ void one_sided_targets(const Args& a, const PackedRefs& p, const double* lnorm, 
             double* acc = tot + t * dw * p.ld;
             for (index_t r0 = 0; r0 < m; r0 += kRows) {
                 const index_t nr = std::min(kRows, m - r0);
-                b.load(x, r0, nr, d, p.shift(), rows ? rows->data() : nullptr, nullptr);
+                b.load(x, r0, nr, d, p.shift(), rows ? rows->data() : nullptr, order.position.data());
                 tile_logits(p, b, nr, t, a.scale, a.exclude_self, /*with_max=*/false);
                 accumulate_targets(b.logits.data(), p.ld, ln.data() + r0, b.y.data(), b.ynorm.data(), nr, d, acc,
                                    acc + p.ld, acc + (d + 1) * p.ld, T{});
@@ -686,25 +801,28 @@ void one_sided_targets(const Args& a, const PackedRefs& p, const double* lnorm, 
 // Where log Z_i >= 0 (always, unless exclude_self), q_ij <= e_ij, so every
 // term the one-sided form resolves (q_ij above the exponential's floor) is
 // resolved here too. Rows with log Z_i < 0 are returned in `rest`, with
-// u_i = 0: their terms are left to one_sided_targets.
+// u_i = 0: their terms are left to one_sided_targets. p is packed in
+// order.refs (xrows: the points in that order); lnorm and rest are by
+// input row, u and tot by packed position.
 template <class T>
-void symmetric_targets(const Args& a, const PackedRefs& p, const double* lnorm, double* tot,
-                       std::vector<index_t>& rest, Control& ctl) {
+void symmetric_targets(const Args& a, const PackedRefs& p, const Order& order, const T* xrows, const double* lnorm,
+                       double* tot, std::vector<index_t>& rest, Control& ctl) {
     const index_t n = a.n, d = a.d, dw = d + 2, nt = p.ntiles, ld = p.ld, per = dw * ld;
     const T* x = static_cast<const T*>(a.x);
     const double* c = p.shift();
     // the weight vectors and products in T (see pair_targets), the sums in double
     std::vector<T> u(static_cast<std::size_t>(n * dw), T(0)), ut(static_cast<std::size_t>(nt * per), T(0));
     for (index_t i = 0; i < n; ++i) {
-        if (!(lnorm[i] >= 0.0)) {
-            rest.push_back(i);
+        const index_t g = order.refs[static_cast<std::size_t>(i)];
+        if (!(lnorm[g] >= 0.0)) {
+            rest.push_back(g);
             continue;
         }
         T* ui = u.data() + i * dw;
-        const double w = std::exp(-lnorm[i]);
+        const double w = std::exp(-lnorm[g]);
         double sq = 0.0;
         for (index_t k = 0; k < d; ++k) {
-            const double v = static_cast<double>(x[i * d + k]) - (c ? c[k] : 0.0);
+            const double v = static_cast<double>(x[g * d + k]) - (c ? c[k] : 0.0);
             ui[1 + k] = static_cast<T>(w * v);
             sq += v * v;
         }
@@ -721,13 +839,13 @@ void symmetric_targets(const Args& a, const PackedRefs& p, const double* lnorm, 
         std::vector<T> q;
     };
     over_tile_pairs<State>(
-        p, threads, ctl,
+        p, threads, a.scale, exp_floor<T>(), ctl,
         [&](index_t me) {
             return State{RowBlock(d, ld), sums.data() + me * nt * per,
                          std::vector<T>(static_cast<std::size_t>(kTargetRows * (ld + 16)))};
         },
         [&](State& s, index_t ta, index_t tb, index_t r0, index_t rows) {
-            s.block.load(x, r0, rows, d, c, nullptr, nullptr);
+            s.block.load(xrows, r0, rows, d, c, nullptr, nullptr);
             tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
             pair_targets(s.block.logits.data(), ld, rows, u.data() + r0 * dw, ut.data() + tb * per, dw,
                          s.acc + tb * per, ta == tb ? nullptr : s.acc + ta * per + (r0 - ta * p.tb), s.q.data());
@@ -743,22 +861,23 @@ template <class T>
 void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
     const index_t n = a.n, d = a.d, dw = d + 2;
     ctl.set_total(2 * n * n);
-    const PackedRefs p = pack(static_cast<const T*>(a.x), n, d, a.tile, a.threads, float_distances<T>(a));
-    // Pass 1: exact log-normaliser of every row, kept in double.
+    const SortedRefs<T> sr = sorted_refs<T>(a);
+    const PackedRefs& p = sr.p;
+    // Pass 1: exact log-normaliser of every row (by input row), in double.
     std::vector<double> lnorm(static_cast<std::size_t>(n));
-    self_normalizer<T>(a, p, lnorm.data(), ctl);
+    self_normalizer<T>(a, p, lnorm.data(), ctl, &sr.order, sr.x);
     // Pass 2: the sums, each pair once where the memory allows.
     std::vector<double> tot(static_cast<std::size_t>(p.ntiles * dw * p.ld), 0.0);
     const double bytes = 8.0 * static_cast<double>(a.threads + 2) * static_cast<double>(p.ntiles * dw * p.ld);
     std::vector<index_t> rest;
     if (bytes <= kSymmetricTargetBytes) {
-        symmetric_targets<T>(a, p, lnorm.data(), tot.data(), rest, ctl);
+        symmetric_targets<T>(a, p, sr.order, sr.x, lnorm.data(), tot.data(), rest, ctl);
         if (!rest.empty()) {
             ctl.set_total(ctl.total() + static_cast<index_t>(rest.size()) * n);
-            one_sided_targets<T>(a, p, lnorm.data(), &rest, tot.data(), ctl);
+            one_sided_targets<T>(a, p, sr.order, lnorm.data(), &rest, tot.data(), ctl);
         }
     } else {
-        one_sided_targets<T>(a, p, lnorm.data(), nullptr, tot.data(), ctl);
+        one_sided_targets<T>(a, p, sr.order, lnorm.data(), nullptr, tot.data(), ctl);
     }
     // Back from shifted coordinates (x = x~ + c) when the tiles were shifted.
     const double* c = p.shift();
@@ -767,7 +886,7 @@ void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
     for (index_t t = 0; t < p.ntiles; ++t) {
         const double* acc = tot.data() + t * dw * p.ld;
         for (index_t j = 0; j < p.len(t); ++j) {
-            const index_t g = t * p.tb + j;
+            const index_t g = sr.order.refs[static_cast<std::size_t>(t * p.tb + j)];
             const double wj = acc[j];
             double dot = 0.0;
             for (index_t k = 0; k < d; ++k) {
