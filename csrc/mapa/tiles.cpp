@@ -50,16 +50,19 @@ typedef float v8f __attribute__((vector_size(32)));
     hi = __builtin_convertvector(b, v8d);
 }
 
-// Pointers to rows r0 .. r0 + 3 of y (row length d) for a four-row block of
-// which nr >= 1 rows exist; missing rows repeat the last one, and their
-// results are not stored.
-[[gnu::always_inline]] static inline void four_rows(const double* y, index_t d, index_t r0, index_t nr,
-                                                    const double*& y0, const double*& y1,
-                                                    const double*& y2, const double*& y3) {
-    y0 = y + r0 * d;
-    y1 = y + (r0 + (nr > 1 ? 1 : 0)) * d;
-    y2 = y + (r0 + (nr > 2 ? 2 : nr - 1)) * d;
-    y3 = y + (r0 + (nr > 3 ? 3 : nr - 1)) * d;
+// Pointers to rows r0 .. r0 + 3 of y (row stride `stride`) for a four-row
+// block of which nr >= 1 rows exist; missing rows repeat the last one, and
+// their results are not stored.
+template <class E>
+[[gnu::always_inline]] static inline void four_rows(const E* y, index_t stride, index_t r0, index_t nr,
+                                                    const E* (&rows)[4]) {
+    for (index_t i = 0; i < 4; ++i) rows[i] = y + (r0 + (i < nr ? i : nr - 1)) * stride;
+}
+
+// The first four of the n >= 1 pointers v, missing ones repeating the last.
+template <class E>
+[[gnu::always_inline]] static inline void four_visits(const E* const* v, index_t n, const E* (&out)[4]) {
+    for (index_t i = 0; i < 4; ++i) out[i] = v[i < n ? i : n - 1];
 }
 
 // For R rows ys[r] against 16 columns of a tile with row stride ld, sums over
@@ -134,11 +137,10 @@ void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const 
     constexpr index_t kBlockRows = 4;
     for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
         const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
-        const double *y0, *y1, *y2, *y3;
-        four_rows(y, d, r0, nr, y0, y1, y2, y3);
+        const double* ys[kBlockRows];
+        four_rows(y, d, r0, nr, ys);
         v8d top[kBlockRows];  // running maxima of the rows, over columns < len
         for (auto& m : top) m = v8d{} + kNegInf;
-        const double* ys[kBlockRows] = {y0, y1, y2, y3};
         for (index_t j0 = 0; j0 < cols; j0 += 16) {
             const double* xs[1] = {xt + j0};
             v8d acc[kBlockRows][2];
@@ -166,9 +168,8 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t co
         const v8d xn0 = load8(xnorm + j0), xn1 = load8(xnorm + j0 + 8);
         for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
             const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
-            const double *y0, *y1, *y2, *y3;
-            four_rows(y, d, r0, nr, y0, y1, y2, y3);
-            const double* ys[kBlockRows] = {y0, y1, y2, y3};
+            const double* ys[kBlockRows];
+            four_rows(y, d, r0, nr, ys);
             const double* xs[1] = {xt + j0};
             v8d acc[kBlockRows][2];
             column_sums<kBlockRows, true, true>(xs, ld, d, ys, acc);
@@ -186,10 +187,9 @@ void logits_visits(const double* const* xt, const double* const* xnorm, index_t 
     // Up to four (row, block) visits at once: eight independent accumulator
     // chains hide the multiply-add latency that one visit alone would wait on.
     // Missing visits repeat the last one; their results are not stored.
-    const int last = static_cast<int>(n) - 1;
-    const int at[4] = {0, last < 1 ? last : 1, last < 2 ? last : 2, last < 3 ? last : 3};
-    const double* xs[4] = {xt[at[0]], xt[at[1]], xt[at[2]], xt[at[3]]};
-    const double* ys[4] = {y[at[0]], y[at[1]], y[at[2]], y[at[3]]};
+    const double *xs[4], *ys[4];
+    four_visits(xt, n, xs);
+    four_visits(y, n, ys);
     v8d acc[4][2];
     if (xnorm) {
         column_sums<4, true, false>(xs, ld, d, ys, acc);
@@ -254,7 +254,7 @@ void logits_direct(const float* xt, index_t ld, index_t cols, index_t d, const f
     for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
         const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
         const float* ys[kBlockRows];
-        for (index_t i = 0; i < kBlockRows; ++i) ys[i] = y + (r0 + (i < nr ? i : nr - 1)) * d;
+        four_rows(y, d, r0, nr, ys);
         v8d top[kBlockRows];
         for (auto& m : top) m = v8d{} + kNegInf;
         for (index_t j0 = 0; j0 < cols; j0 += 32) {
@@ -277,10 +277,9 @@ void logits_direct(const float* xt, index_t ld, index_t cols, index_t d, const f
 MAPA_CLONES
 void logits_visits(const float* const* xt, index_t ld, index_t d, const float* const* y, index_t n, double scale,
                    double* out) {
-    const int last = static_cast<int>(n) - 1;
-    const int at[4] = {0, last < 1 ? last : 1, last < 2 ? last : 2, last < 3 ? last : 3};
-    const float* xs[4] = {xt[at[0]], xt[at[1]], xt[at[2]], xt[at[3]]};
-    const float* ys[4] = {y[at[0]], y[at[1]], y[at[2]], y[at[3]]};
+    const float *xs[4], *ys[4];
+    four_visits(xt, n, xs);
+    four_visits(y, n, ys);
     v16f acc[4][1];
     column_sums_f<4, 1, false>(xs, ld, d, ys, acc);
     for (int v = 0; v < static_cast<int>(n); ++v) {
@@ -550,22 +549,28 @@ void accumulate_targets(const double* v, index_t ld, const double* log_norm, con
     accumulate_targets_impl<float>(v, ld, log_norm, y, sq, rows, d, w, s1t, s2);
 }
 
-template <class E>
-[[gnu::always_inline]] static inline void pair_targets_impl(const double* v, index_t ld, index_t rows,
-                                                           const double* u, const double* ut, index_t dw,
-                                                           double* colacc, double* rowacc, double* q0) {
-    // The exponentials of every row first, at their natural width, stored
-    // in double at row stride ld + 8: rows a multiple of 4 KiB apart would
-    // share L1 sets, and the column sums read 16 rows at once.
+// rowacc[(k0 + c) * ld + r0 + i] += the lane sum of t[i][c], for the nr
+// rows and nk features of a four-row, two-feature block.
+[[gnu::always_inline]] static inline void add_row_sums(const v8d (&t)[4][2], index_t nr, index_t nk, index_t k0,
+                                                       index_t r0, index_t ld, double* rowacc) {
+    const v8d m[8] = {t[0][0], t[0][1], t[1][0], t[1][1], t[2][0], t[2][1], t[3][0], t[3][1]};
+    const v8d sum = lane_sums(m);
+    for (index_t i = 0; i < nr; ++i)
+        for (index_t c = 0; c < nk; ++c) rowacc[(k0 + c) * ld + r0 + i] += sum[2 * i + c];
+}
+
+MAPA_CLONES
+void pair_targets(const double* v, index_t ld, index_t rows, const double* u, const double* ut, index_t dw,
+                  double* colacc, double* rowacc, double* q0) {
+    // The exponentials of every row first, stored at row stride ld + 8: rows
+    // a multiple of 4 KiB apart would share L1 sets, and the column sums
+    // read 16 rows at once.
     const index_t qld = ld + 8;
-    alignas(64) E qe[kMaxTile];
     for (index_t r = 0; r < rows; ++r) {
         const double* vr = v + r * ld;
         double* qr = q0 + r * qld;
 #pragma omp simd
-        for (index_t j = 0; j < ld; ++j) qe[j] = exp_nonpos(static_cast<E>(vr[j]));
-#pragma omp simd
-        for (index_t j = 0; j < ld; ++j) qr[j] = qe[j];
+        for (index_t j = 0; j < ld; ++j) qr[j] = exp_nonpos(vr[j]);
     }
     // Columns: 32 at a time (ld is a multiple of kTileAlign), each output
     // read once, the rows' terms added in register in row order, written once.
@@ -593,11 +598,12 @@ template <class E>
     for (index_t r0 = 0; r0 < rows; r0 += 4) {
         const index_t nr = rows - r0 < 4 ? rows - r0 : 4;
         const double* q[4];
-        for (index_t i = 0; i < 4; ++i) q[i] = q0 + (r0 + (i < nr ? i : nr - 1)) * qld;
+        four_rows(q0, qld, r0, nr, q);
         for (index_t k0 = 0; k0 < dw; k0 += 2) {
             const index_t nk = dw - k0 < 2 ? 1 : 2;
             const double* uk[2] = {ut + k0 * ld, ut + (k0 + nk - 1) * ld};
-            v8d s[4][2] = {};
+            v8d s[4][2];
+            for (int i = 0; i < 4; ++i) s[i][0] = s[i][1] = v8d{};
             for (index_t j = 0; j < ld; j += 8) {
                 const v8d a = load8(uk[0] + j), b = load8(uk[1] + j);
 #pragma GCC unroll 4
@@ -607,18 +613,9 @@ template <class E>
                     s[i][1] += qi * b;
                 }
             }
-            const v8d m[8] = {s[0][0], s[0][1], s[1][0], s[1][1], s[2][0], s[2][1], s[3][0], s[3][1]};
-            const v8d sum = lane_sums(m);
-            for (index_t i = 0; i < nr; ++i)
-                for (index_t c = 0; c < nk; ++c) rowacc[(k0 + c) * ld + r0 + i] += sum[2 * i + c];
+            add_row_sums(s, nr, nk, k0, r0, ld, rowacc);
         }
     }
-}
-
-MAPA_CLONES
-void pair_targets(const double* v, index_t ld, index_t rows, const double* u, const double* ut, index_t dw,
-                  double* colacc, double* rowacc, double* scratch) {
-    pair_targets_impl<double>(v, ld, rows, u, ut, dw, colacc, rowacc, scratch);
 }
 
 MAPA_CLONES
@@ -671,7 +668,7 @@ void pair_targets(const double* v, index_t ld, index_t rows, const float* u, con
     for (index_t r0 = 0; r0 < rows; r0 += 4) {
         const index_t nr = rows - r0 < 4 ? rows - r0 : 4;
         const float* q[4];
-        for (index_t i = 0; i < 4; ++i) q[i] = q0 + (r0 + (i < nr ? i : nr - 1)) * qld;
+        four_rows(q0, qld, r0, nr, q);
         for (index_t k0 = 0; k0 < dw; k0 += 2) {
             const index_t nk = dw - k0 < 2 ? 1 : 2;
             const float* uk[2] = {ut + k0 * ld, ut + (k0 + nk - 1) * ld};
@@ -697,10 +694,7 @@ void pair_targets(const double* v, index_t ld, index_t rows, const float* u, con
                         t[i][c] += lo + hi;
                     }
             }
-            const v8d m[8] = {t[0][0], t[0][1], t[1][0], t[1][1], t[2][0], t[2][1], t[3][0], t[3][1]};
-            const v8d sum = lane_sums(m);
-            for (index_t i = 0; i < nr; ++i)
-                for (index_t c = 0; c < nk; ++c) rowacc[(k0 + c) * ld + r0 + i] += sum[2 * i + c];
+            add_row_sums(t, nr, nk, k0, r0, ld, rowacc);
         }
     }
 }
