@@ -37,7 +37,8 @@ struct PackedRefs {
     // origin, so that path works on data shifted by the reference mean.
     std::vector<double> center;  // d, when expand; empty otherwise
     // Each tile's bounding box in the packed coordinates, and the largest
-    // squared norm there (for the expansion's rounding error).
+    // squared norm there (for the expansion's rounding error); set by
+    // add_boxes for the symmetric passes, empty otherwise.
     std::vector<double> lo, hi;  // ntiles * d
     double r2max = 0.0;
 
@@ -126,6 +127,12 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads, boo
             if (p.expand) p.norms[t * p.ld + j] = sq;
         }
     }
+    return p;
+}
+
+// Fills p.lo, p.hi and p.r2max (see PackedRefs).
+void add_boxes(PackedRefs& p) {
+    const index_t d = p.d;
     p.lo.assign(static_cast<std::size_t>(p.ntiles * d), std::numeric_limits<double>::infinity());
     p.hi.assign(static_cast<std::size_t>(p.ntiles * d), -std::numeric_limits<double>::infinity());
     for (index_t t = 0; t < p.ntiles; ++t) {
@@ -140,10 +147,10 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads, boo
             p.r2max = std::max(p.r2max, sq);
         }
     }
-    return p;
 }
 
-// Whether every exponential between tiles ta and tb is exactly 0: the
+// Whether every exponential between tiles ta and tb is exactly 0 (p has
+// its boxes, add_boxes): the
 // boxes' gap bounds each pair's squared distance from below; the computed
 // distances may fall short of the exact ones by a relative (d + 1) 2^-24
 // (float sums, d <= 32) or, on the expansion path, an absolute
@@ -233,8 +240,6 @@ struct Lse {
     double max = kNegInf;
     double sum = 0.0;
 
-    // Below this, exp_nonpos gives exactly 0 (float: under -87, double:
-    // under -708, with a margin for the rounding of v - max to T).
     static constexpr double kFloor = exp_floor<T>();
 
     // Fold in one tile of logits whose maximum is `tm`. A tile whose every
@@ -263,20 +268,27 @@ struct Order {
     std::vector<index_t> start;     // per block of kRows queries: first tile
 };
 
+// Each feature's smallest (lo) and largest (hi) value over the n points x.
+template <class T>
+void feature_ranges(const T* x, index_t n, index_t d, std::vector<double>& lo, std::vector<double>& hi) {
+    lo.assign(static_cast<std::size_t>(d), std::numeric_limits<double>::infinity());
+    hi.assign(static_cast<std::size_t>(d), -std::numeric_limits<double>::infinity());
+    for (index_t i = 0; i < n; ++i)
+        for (index_t k = 0; k < d; ++k) {
+            const double v = static_cast<double>(x[i * d + k]);
+            lo[static_cast<std::size_t>(k)] = std::min(lo[static_cast<std::size_t>(k)], v);
+            hi[static_cast<std::size_t>(k)] = std::max(hi[static_cast<std::size_t>(k)], v);
+        }
+}
+
 // Without queries, only refs and position are filled.
 template <class T>
 Order locality_order(const Args& a, index_t tb, bool with_queries = true) {
     const T* x = static_cast<const T*>(a.x);
     const T* y = static_cast<const T*>(a.y);
     const index_t n = a.n, m = a.m, d = a.d;
-    std::vector<double> lo(static_cast<std::size_t>(d), std::numeric_limits<double>::infinity());
-    std::vector<double> hi(static_cast<std::size_t>(d), -std::numeric_limits<double>::infinity());
-    for (index_t i = 0; i < n; ++i)
-        for (index_t k = 0; k < d; ++k) {
-            const double v = static_cast<double>(x[i * d + k]);
-            lo[k] = std::min(lo[k], v);
-            hi[k] = std::max(hi[k], v);
-        }
+    std::vector<double> lo, hi;
+    feature_ranges(x, n, d, lo, hi);
     index_t f[2] = {0, 0};  // the two widest features (the same one twice when d == 1)
     for (index_t k = 1; k < d; ++k)
         if (hi[k] - lo[k] > hi[f[0]] - lo[f[0]]) f[0] = k;
@@ -541,27 +553,24 @@ struct SortedRefs {
     PackedRefs p;
     std::vector<T> copy;   // the points in order.refs, when sorted
     const T* x = nullptr;  // the points in packed order
+    bool sorted() const { return !copy.empty(); }
 };
 
 template <class T>
 SortedRefs<T> sorted_refs(const Args& a) {
     const bool single = float_distances<T>(a);
     const T* x = static_cast<const T*>(a.x);
+    std::vector<double> lo, hi;
+    feature_ranges(x, a.n, a.d, lo, hi);
     double diam2 = 0.0;
-    for (index_t k = 0; k < a.d; ++k) {
-        double lo = std::numeric_limits<double>::infinity(), hi = -lo;
-        for (index_t i = 0; i < a.n; ++i) {
-            lo = std::min(lo, static_cast<double>(x[i * a.d + k]));
-            hi = std::max(hi, static_cast<double>(x[i * a.d + k]));
-        }
-        diam2 += (hi - lo) * (hi - lo);
-    }
+    for (std::size_t k = 0; k < lo.size(); ++k) diam2 += (hi[k] - lo[k]) * (hi[k] - lo[k]);
     const double reach2 = -exp_floor<T>() / a.scale;  // squared distance beyond which exp(logit) = 0
     SortedRefs<T> s;
     s.x = x;
     if (diam2 > 4.0 * reach2) {
         s.order = locality_order<T>(a, tile_length(a.n, a.d, a.tile, single), /*with_queries=*/false);
         s.p = pack(x, a.n, a.d, a.tile, a.threads, single, s.order.refs.data());
+        add_boxes(s.p);
         const index_t nt = s.p.ntiles;
         index_t apart = 0;
         for (index_t ta = 0; ta < nt; ++ta)
@@ -578,6 +587,7 @@ SortedRefs<T> sorted_refs(const Args& a) {
     for (index_t i = 0; i < a.n; ++i) s.order.refs[static_cast<std::size_t>(i)] = i;
     s.order.position = s.order.refs;
     s.p = pack(x, a.n, a.d, a.tile, a.threads, single, nullptr);
+    add_boxes(s.p);
     return s;
 }
 }  // namespace
@@ -606,16 +616,17 @@ struct DenseState : NormState<T> {
 template <class T>
 void log_posterior(const Args& a, T* out, Control& ctl) {
     ctl.set_total(a.m * a.n);
-    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, float_distances<T>(a));
     if (self_queries(a)) {
         // The normalisers first (each pair once), then every entry is
-        // written once, final, as its logit minus the row's normaliser.
+        // written once, final, as its logit minus the row's normaliser; the
+        // writing pass takes the references in input order, as the
+        // normalisers did unless they were sorted.
         ctl.set_total(2 * a.m * a.n);
         std::vector<double> ln(static_cast<std::size_t>(a.n));
-        {
-            const SortedRefs<T> s = sorted_refs<T>(a);
-            self_normalizer<T>(a, s.p, ln.data(), ctl, &s.order, s.x);
-        }
+        SortedRefs<T> s = sorted_refs<T>(a);
+        self_normalizer<T>(a, s.p, ln.data(), ctl, &s.order, s.x);
+        const PackedRefs p = s.sorted() ? pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, s.p.single)
+                                        : std::move(s.p);
         over_query_blocks<T, NormState<T>>(
             a, p, ctl, [&] { return NormState<T>(a.d, p.ld); },
             [&](NormState<T>& s, index_t r0, index_t rows, index_t t) {
@@ -626,6 +637,7 @@ void log_posterior(const Args& a, T* out, Control& ctl) {
             [](NormState<T>&, index_t, index_t) {});
         return;
     }
+    const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, float_distances<T>(a));
     // Each tile is stored relative to the row's running max at that time;
     // the exact normaliser is folded in once the row is complete, in double.
     over_query_blocks<T, DenseState<T>>(
