@@ -256,6 +256,25 @@ def test_far_apart_groups(backend, dtype, exclude_self):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_topk_rounds_of_tile_pairs(backend, dtype, exclude_self):
+    # With the queries the references, cpp top-k takes each unordered pair
+    # once, in rounds of tile pairs that share no tile, every row's selection
+    # live at once and started from a bound found in its own tile. 730
+    # points in tiles of 32 make 23 tiles (an odd count: each round has a
+    # bye); the default tiles (64 here) take the started selection; k = 100
+    # is longer than a tile. 1 and 3 threads, against the float64 reference.
+    h = 0.3
+    X = make_clusters(730, 3, h, dtype=dtype, seed=11)
+    for block_size in (None, 32):
+        for k in (1, 7, 100):
+            for num_threads in (1, 3):
+                top = mapa.log_posterior_topk(X, bandwidth=h, k=k, exclude_self=exclude_self, block_size=block_size,
+                                              num_threads=num_threads, backend=backend)
+                check_topk(top, X, X, h, k, dtype, exclude_self)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_far_query_has_finite_correct_normaliser(backend, dtype):
     # A query at distance ~1e3 from every reference: every exp underflows, but the
     # normaliser is finite (about -1e6 / (2 h^2)) and the row still sums to one.

@@ -156,7 +156,11 @@ void add_boxes(PackedRefs& p) {
 // (float sums, d <= 32) or, on the expansion path, an absolute
 // (d + 3) 2^-50 r2max, both covered by the slack; `floor` is the logit
 // under which exp_nonpos of the precision used gives 0 (with a margin).
-bool tiles_apart(const PackedRefs& p, index_t ta, index_t tb, double scale, double floor) {
+bool tiles_apart(const PackedRefs& p, index_t ta, index_t tb, double scale, double floor);
+
+// An upper bound on every computed logit between tiles ta and tb (see
+// tiles_apart).
+double logit_bound(const PackedRefs& p, index_t ta, index_t tb, double scale) {
     double gap2 = 0.0;
     for (index_t k = 0; k < p.d; ++k) {
         const std::size_t a = static_cast<std::size_t>(ta * p.d + k), b = static_cast<std::size_t>(tb * p.d + k);
@@ -164,7 +168,11 @@ bool tiles_apart(const PackedRefs& p, index_t ta, index_t tb, double scale, doub
         gap2 += g * g;
     }
     const double slack = gap2 * 0x1p-16 + (p.expand ? static_cast<double>(p.d + 3) * 0x1p-50 * p.r2max : 0.0);
-    return -scale * (gap2 - slack) < floor;
+    return -scale * (gap2 - slack);
+}
+
+bool tiles_apart(const PackedRefs& p, index_t ta, index_t tb, double scale, double floor) {
+    return logit_bound(p, ta, tb, scale) < floor;
 }
 
 // Logit below which exp_nonpos gives exactly 0 in the precision T picks
@@ -468,6 +476,34 @@ void over_tile_pairs(const PackedRefs& p, int threads, double scale, double floo
 // Queries are the references themselves (Y is X).
 bool self_queries(const Args& a) { return a.y == a.x && a.m == a.n; }
 
+// out[refs[i]] = log(total[i]), total[i] the sum of the exponentials of
+// packed row i (refs: order->refs, or the identity). Terms below exp's range
+// are flushed to 0 (float: e^-87, double: e^-708); a sum of at least
+// n * 2^-100 (2^-960) leaves them below 2^-26 (2^-61) of it. Rows with a
+// smaller sum (only possible with exclude_self) are redone with the
+// streaming maximum.
+template <class T>
+void self_logs(const Args& a, const PackedRefs& p, const double* total, double* out, Control& ctl,
+               const Order* order) {
+    const index_t n = a.n;
+    const index_t* refs = order ? order->refs.data() : nullptr;
+    const double floor = n * (std::is_same_v<T, float> ? std::ldexp(1.0, -100) : std::ldexp(1.0, -960));
+    Order redo;
+    if (order) redo.position = order->position;
+    for (index_t i = 0; i < n; ++i) {
+        const index_t g = refs ? refs[i] : i;
+        out[g] = std::log(total[i]);
+        if (total[i] < floor) redo.queries.push_back(g);
+    }
+    if (redo.queries.empty()) return;
+    Args b = a;
+    b.m = static_cast<index_t>(redo.queries.size());
+    redo.start.assign(static_cast<std::size_t>((b.m + kRows - 1) / kRows), 0);
+    std::vector<double> again(static_cast<std::size_t>(b.m));
+    normalizer_into<T>(b, p, again.data(), ctl, &redo);
+    for (std::size_t i = 0; i < again.size(); ++i) out[redo.queries[i]] = again[i];
+}
+
 // log-normalisers of the references as their own queries, in double, with
 // each unordered pair's distance and exponential computed once: work unit
 // (ta, tb), ta <= tb, takes the rows of tile ta against the columns of tile
@@ -483,7 +519,6 @@ template <class T>
 void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& ctl, const Order* order = nullptr,
                      const T* xrows = nullptr) {
     const index_t n = a.n;
-    const index_t* refs = order ? order->refs.data() : nullptr;
     const int threads = a.threads;
     std::vector<double> sums(static_cast<std::size_t>(threads * n), 0.0);  // one row of n per thread
     struct State {
@@ -500,26 +535,10 @@ void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& c
             exp_sums(s.block.logits.data(), p.ld, rows, p.len(tb), s.sum + r0, ta == tb ? nullptr : s.sum + tb * p.tb,
                      T{});
         });
-    // Terms below exp's range are flushed to 0 (float: e^-87, double: e^-708);
-    // a sum of at least n * 2^-100 (2^-960) leaves them below 2^-26 (2^-61)
-    // of it.
-    const double floor = n * (std::is_same_v<T, float> ? std::ldexp(1.0, -100) : std::ldexp(1.0, -960));
-    Order redo;
-    if (order) redo.position = order->position;
-    for (index_t i = 0; i < n; ++i) {
-        double total = 0.0;
-        for (int t = 0; t < threads; ++t) total += sums[static_cast<std::size_t>(t * n + i)];
-        const index_t g = refs ? refs[i] : i;
-        out[g] = std::log(total);
-        if (total < floor) redo.queries.push_back(g);
-    }
-    if (redo.queries.empty()) return;
-    Args b = a;
-    b.m = static_cast<index_t>(redo.queries.size());
-    redo.start.assign(static_cast<std::size_t>((b.m + kRows - 1) / kRows), 0);
-    std::vector<double> again(static_cast<std::size_t>(b.m));
-    normalizer_into<T>(b, p, again.data(), ctl, &redo);
-    for (std::size_t i = 0; i < again.size(); ++i) out[redo.queries[i]] = again[i];
+    std::vector<double> total(static_cast<std::size_t>(n), 0.0);
+    for (index_t i = 0; i < n; ++i)
+        for (int t = 0; t < threads; ++t) total[static_cast<std::size_t>(i)] += sums[static_cast<std::size_t>(t * n + i)];
+    self_logs<T>(a, p, total.data(), out, ctl, order);
 }
 
 }  // namespace
@@ -546,7 +565,8 @@ namespace {
 // the input order (measured faster when few pairs are left out), with
 // order.refs and order.position the identity. The sort is only tried when
 // the data's diameter is more than twice the distance beyond which every
-// exponential is 0.
+// exponential is 0; with always_sort, in the locality order whatever the
+// data.
 template <class T>
 struct SortedRefs {
     Order order;
@@ -557,7 +577,7 @@ struct SortedRefs {
 };
 
 template <class T>
-SortedRefs<T> sorted_refs(const Args& a) {
+SortedRefs<T> sorted_refs(const Args& a, bool always_sort = false) {
     const bool single = float_distances<T>(a);
     const T* x = static_cast<const T*>(a.x);
     std::vector<double> lo, hi;
@@ -567,15 +587,15 @@ SortedRefs<T> sorted_refs(const Args& a) {
     const double reach2 = -exp_floor<T>() / a.scale;  // squared distance beyond which exp(logit) = 0
     SortedRefs<T> s;
     s.x = x;
-    if (diam2 > 4.0 * reach2) {
+    if (always_sort || diam2 > 4.0 * reach2) {
         s.order = locality_order<T>(a, tile_length(a.n, a.d, a.tile, single), /*with_queries=*/false);
         s.p = pack(x, a.n, a.d, a.tile, a.threads, single, s.order.refs.data());
         add_boxes(s.p);
         const index_t nt = s.p.ntiles;
         index_t apart = 0;
-        for (index_t ta = 0; ta < nt; ++ta)
+        for (index_t ta = 0; !always_sort && ta < nt; ++ta)
             for (index_t tb = ta + 1; tb < nt; ++tb) apart += tiles_apart(s.p, ta, tb, a.scale, exp_floor<T>());
-        if (4 * apart >= nt * (nt + 1) / 2) {
+        if (always_sort || 4 * apart >= nt * (nt + 1) / 2) {
             s.copy.resize(static_cast<std::size_t>(a.n * a.d));
             for (index_t i = 0; i < a.n; ++i)
                 std::copy_n(x + s.order.refs[static_cast<std::size_t>(i)] * a.d, a.d, s.copy.data() + i * a.d);
@@ -680,12 +700,181 @@ struct TopKState : NormState<T> {
 };
 }  // namespace
 
+// The symmetric top-k's selection state is used while it takes at most
+// this much memory; beyond it, the one-sided form runs.
+namespace {
+constexpr double kSymmetricTopkBytes = 1024.0 * (1 << 20);
+
+// Top-k with the queries the references themselves, each unordered pair's
+// distance computed once. The references go in the locality order, and
+// every row's selection (RowSelect) and sum of exponentials (as in
+// self_normalizer) are live at once: tile pair (ta, tb) offers row i of ta
+// the logits l_ij of tile tb's columns at or above i's threshold, and
+// column j of tb the l_ij of ta's rows at or above j's. Rounds of tile
+// pairs that share no tile (the circle method of round-robin tournaments:
+// the diagonal pairs first, then the P - 1 rounds of P tiles) go to the
+// threads in any order, so no row is touched by two threads at once and
+// each row's sum is taken in round order, whatever the thread count. A
+// pair is left out when its logits are all below the exponential's floor
+// and every threshold of both tiles' rows.
+template <class T>
+void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, Control& ctl) {
+    const index_t n = a.n;
+    Args b = a;
+    if (a.tile == 0) {
+        // Tiles of at most 256 columns, so a row block's logits (16 x 256
+        // doubles) stay in L1 through the sums and both scans (measured
+        // fastest, D = 2 and 16), and at least 8 tiles per thread, so each
+        // round keeps the threads busy.
+        const bool single = float_distances<T>(a);
+        const index_t most = (n + 8 * a.threads - 1) / (8 * a.threads);
+        b.tile = std::max<index_t>(2 * kTileAlign,
+                                   std::min({default_tile(n, a.d, single), index_t{256},
+                                             (most + kTileAlign - 1) / kTileAlign * kTileAlign}));
+    }
+    const SortedRefs<T> sr = sorted_refs<T>(b, /*always_sort=*/true);
+    const PackedRefs& p = sr.p;
+    const index_t nt = p.ntiles, ld = p.ld;
+    std::vector<std::int32_t> refs(sr.order.refs.begin(), sr.order.refs.end());
+    RowSelect sel(n, k);
+    std::vector<double> sums(static_cast<std::size_t>(n), 0.0);
+    struct Work {
+        RowBlock block;
+        RowSelect::Scratch scratch;
+        std::vector<std::int32_t> pos;
+        std::vector<double> groups, spare;
+        std::vector<std::uint32_t> masks;
+        std::vector<std::int64_t> ids;  // one row's result
+        std::vector<double> vals;
+    };
+    std::vector<Work> works;
+    for (int t = 0; t < a.threads; ++t)
+        works.push_back(Work{RowBlock(a.d, ld), RowSelect::Scratch(k), std::vector<std::int32_t>(ld),
+                             std::vector<double>(ld), std::vector<double>(ld), std::vector<std::uint32_t>(ld),
+                             std::vector<std::int64_t>(k), std::vector<double>(k)});
+    const auto mine = [&] {
+#ifdef _OPENMP
+        return &works[static_cast<std::size_t>(omp_get_thread_num())];
+#else
+        return &works[0];
+#endif
+    };
+    const double* thr = sel.thresholds();
+    const auto visit = [&](Work& w, index_t ta, index_t tb) {
+        const bool diag = ta == tb;
+        const index_t len = p.len(tb);
+        if (!diag) {
+            const double bound = logit_bound(p, ta, tb, a.scale);
+            if (bound < exp_floor<T>()) {
+                double lowest = std::numeric_limits<double>::infinity();
+                for (index_t i = ta * p.tb; i < ta * p.tb + p.len(ta); ++i) lowest = std::min(lowest, thr[i]);
+                for (index_t i = tb * p.tb; i < tb * p.tb + len; ++i) lowest = std::min(lowest, thr[i]);
+                if (bound < lowest) return;
+            }
+        }
+        const index_t end = ta * p.tb + p.len(ta);
+        const std::int32_t* cols = refs.data() + tb * p.tb;
+        index_t group = 4;
+        while (group > 0 && len / group < 2 * k) group /= 2;
+        // thresholds only rise: the lowest of tb's now stays a lower bound
+        const double col_floor = *std::min_element(thr + tb * p.tb, thr + tb * p.tb + len);
+        for (index_t r0 = ta * p.tb; r0 < end; r0 += kRows) {
+            const index_t rows = std::min(kRows, end - r0);
+            w.block.load(sr.x, r0, rows, a.d, p.shift(), nullptr, nullptr);
+            tile_logits(p, w.block, rows, tb, a.scale, a.exclude_self && diag);
+            const double* v = w.block.logits.data();
+            exp_sums(v, ld, rows, len, sums.data() + r0, diag ? nullptr : sums.data() + tb * p.tb, T{});
+            double top = kNegInf;
+            for (index_t r = 0; r < rows; ++r) {
+                const double* vr = v + r * ld;
+                top = std::max(top, w.block.tmax[r]);
+                if (w.block.tmax[r] < thr[r0 + r]) continue;
+                if (diag && group > 0) {
+                    // The row's first tile (the diagonal round comes first):
+                    // the k-th largest of the maxima of its groups of
+                    // `group` columns (at least 2k groups) bounds the k-th
+                    // best entry from below (k distinct entries reach it),
+                    // so only a few times k entries are offered.
+                    const index_t ng = group_max(vr, len, group, w.groups.data());
+                    sel.seed(r0 + r, kth_largest(w.groups.data(), w.spare.data(), static_cast<std::size_t>(ng),
+                                                 static_cast<std::size_t>(k - 1)));
+                }
+                const index_t found = positions_at_least(vr, len, thr[r0 + r], w.pos.data());
+                for (index_t i = 0; i < found; ++i) {
+                    const std::int32_t j = w.pos[static_cast<std::size_t>(i)];
+                    sel.offer(r0 + r, vr[j], cols[j], w.scratch);
+                }
+            }
+            if (diag || top < col_floor) continue;
+            const index_t found = columns_at_least(v, ld, rows, len, thr + tb * p.tb, w.pos.data(), w.masks.data());
+            for (index_t i = 0; i < found; ++i) {
+                const std::int32_t j = w.pos[static_cast<std::size_t>(i)];
+                for (std::uint32_t m = w.masks[static_cast<std::size_t>(i)]; m; m &= m - 1) {
+                    const int r = __builtin_ctz(m);
+                    sel.offer(tb * p.tb + j, v[r * ld + j], refs[static_cast<std::size_t>(r0 + r)], w.scratch);
+                }
+            }
+        }
+    };
+    // The rounds: the diagonal, then the circle method over P = nt rounded
+    // up to even tiles (a pair with tile nt, when P > nt, is a bye).
+    const index_t P = nt + nt % 2;
+    std::vector<std::pair<index_t, index_t>> round;
+    for (index_t r = -1; r < P - 1; ++r) {
+        round.clear();
+        if (r < 0) {
+            for (index_t t = 0; t < nt; ++t) round.emplace_back(t, t);
+        } else {
+            for (index_t i = 0; i < P / 2; ++i) {
+                const index_t u = i == 0 ? P - 1 : (r + i) % (P - 1), v = (r - i + P - 1) % (P - 1);
+                if (u < nt && v < nt) round.emplace_back(std::min(u, v), std::max(u, v));
+            }
+        }
+        parallel_blocks<Work*>(
+            static_cast<index_t>(round.size()), a.threads, ctl, mine,
+            [&](Work* w, index_t u) {
+                const auto [ta, tb] = round[static_cast<std::size_t>(u)];
+                visit(*w, ta, tb);
+            },
+            [&](index_t u) {
+                const auto [ta, tb] = round[static_cast<std::size_t>(u)];
+                return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2);
+            });
+    }
+    std::vector<double> ln(static_cast<std::size_t>(n));
+    self_logs<T>(a, p, sums.data(), ln.data(), ctl, &sr.order);
+    // Each row's best k, best first; fewer than k only if fewer finite
+    // logits exist (the rest: index -1, log q = -inf).
+    parallel_blocks<Work*>(
+        (n + kRows - 1) / kRows, a.threads, ctl, mine,
+        [&](Work* w, index_t blk) {
+            const std::int64_t* ids = w->ids.data();
+            const double* vals = w->vals.data();
+            for (index_t i = blk * kRows; i < std::min(n, (blk + 1) * kRows); ++i) {
+                const std::size_t got = sel.best(i, w->scratch, w->ids.data(), w->vals.data());
+                const index_t g = sr.order.refs[static_cast<std::size_t>(i)];
+                const double lg = ln[static_cast<std::size_t>(g)];
+                log_norm[g] = static_cast<T>(lg);
+                for (std::size_t j = 0; j < static_cast<std::size_t>(k); ++j) {
+                    indices[g * k + static_cast<index_t>(j)] = j < got ? ids[j] : -1;
+                    log_prob[g * k + static_cast<index_t>(j)] = static_cast<T>(j < got ? vals[j] - lg : kNegInf);
+                }
+            }
+        },
+        [](index_t) { return index_t{0}; });
+}
+}  // namespace
+
 template <class T>
 void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, Control& ctl) {
     ctl.set_total(a.m * a.n);
+    if (self_queries(a) && a.n < (index_t{1} << 31) && RowSelect::bytes(a.n, k) <= kSymmetricTopkBytes)
+        return symmetric_topk<T>(a, k, indices, log_prob, log_norm, ctl);
     const bool single = float_distances<T>(a);
     const Order order = locality_order<T>(a, tile_length(a.n, a.d, a.tile, single));
     const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, single, order.refs.data());
+    // Queries other than the references (or a selection state over
+    // kSymmetricTopkBytes) take the one-sided form below.
     // One pass over the references streams the normaliser and keeps, per row,
     // the 16-column blocks whose maxima are among the k largest, ties at the
     // k-th value L included. L is a lower bound on the k-th best entry (k

@@ -321,6 +321,61 @@ index_t positions_at_least(const double* v, index_t len, double thr, std::int32_
     return c;
 }
 
+MAPA_CLONES
+index_t columns_at_least(const double* v, index_t ld, index_t rows, index_t len, const double* thr,
+                         std::int32_t* cols, std::uint32_t* masks) {
+    // Eight columns at a time: one compare per row against the columns'
+    // thresholds, or-ed over the rows; only a group with a hit is scanned
+    // again for each column's row mask.
+    typedef long long v8l __attribute__((vector_size(64)));
+    index_t c = 0, j = 0;
+    for (; j + 8 <= len; j += 8) {
+        const v8d t = load8(thr + j);
+        v8l hit = v8l{};
+        for (index_t r = 0; r < rows; ++r) hit |= load8(v + r * ld + j) >= t;
+        long long any = hit[0];
+        for (int i = 1; i < 8; ++i) any |= hit[i];
+        if (!any) continue;
+        v8l bits = v8l{};
+        for (index_t r = 0; r < rows; ++r) bits |= (load8(v + r * ld + j) >= t) & (1LL << r);
+        for (int i = 0; i < 8; ++i) {
+            cols[c] = static_cast<std::int32_t>(j + i);
+            masks[c] = static_cast<std::uint32_t>(bits[i]);
+            c += bits[i] != 0;
+        }
+    }
+    for (; j < len; ++j) {
+        std::uint32_t bits = 0;
+        for (index_t r = 0; r < rows; ++r) bits |= static_cast<std::uint32_t>(v[r * ld + j] >= thr[j]) << r;
+        cols[c] = static_cast<std::int32_t>(j);
+        masks[c] = bits;
+        c += bits != 0;
+    }
+    return c;
+}
+
+template <int G>
+[[gnu::always_inline]] static inline index_t group_max_impl(const double* v, index_t len, double* out) {
+    const index_t groups = len / G;
+#pragma omp simd
+    for (index_t g = 0; g < groups; ++g) {
+        double m = v[G * g];
+        for (int i = 1; i < G; ++i) m = v[G * g + i] > m ? v[G * g + i] : m;
+        out[g] = m;
+    }
+    return groups;
+}
+
+MAPA_CLONES
+index_t group_max(const double* v, index_t len, index_t size, double* out) {
+    switch (size) {
+        case 1: return group_max_impl<1>(v, len, out);
+        case 2: return group_max_impl<2>(v, len, out);
+        case 4: return group_max_impl<4>(v, len, out);
+        default: return group_max_impl<8>(v, len, out);
+    }
+}
+
 // Lane b of the result is op over the 8 lanes of m[b]: a butterfly of three
 // shuffle-and-op levels, 7 + 7 operations for 8 horizontal reductions.
 template <class Op>

@@ -58,6 +58,30 @@ inline double kth_largest(double* a, double* b, std::size_t n, std::size_t k) {
     }
 }
 
+// Of the n > k entries (val, idx), keep the best k in val[0, k), idx[0, k),
+// given kth, the k-th largest value: every entry above it, in place, then,
+// of the entries equal to it (at least one), those with the smallest
+// indices. ties needs room for n indices.
+template <class Index>
+void keep_best_k(double* val, Index* idx, std::size_t n, std::size_t k, double kth, std::int64_t* ties) {
+    std::size_t m = 0, t = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        const double v = val[i];
+        const Index id = idx[i];
+        val[m] = v;
+        idx[m] = id;
+        ties[t] = id;
+        m += v > kth;
+        t += v == kth;
+    }
+    const std::size_t need = k - m;
+    if (t > need) std::nth_element(ties, ties + need - 1, ties + t);
+    for (std::size_t i = 0; i < need; ++i, ++m) {
+        val[m] = kth;
+        idx[m] = static_cast<Index>(ties[i]);
+    }
+}
+
 class TopK {
 public:
     using Entry = std::pair<double, std::int64_t>;
@@ -161,26 +185,7 @@ private:
             if (2 * n_ > val_.size()) grow(2 * n_);
             return;
         }
-        // Keep everything above the k-th value, in place; set aside the
-        // indices of the entries equal to it (at least one).
-        std::size_t m = 0, t = 0;
-        for (std::size_t i = 0; i < n_; ++i) {
-            const double v = val_[i];
-            const std::int64_t id = idx_[i];
-            val_[m] = v;
-            idx_[m] = id;
-            ties_[t] = id;
-            m += v > kth;
-            t += v == kth;
-        }
-        // Of the tied entries, the smallest indices fill the remaining places.
-        const std::size_t need = k_ - m;
-        if (t > need) std::nth_element(ties_.begin(), ties_.begin() + static_cast<std::ptrdiff_t>(need - 1),
-                                       ties_.begin() + static_cast<std::ptrdiff_t>(t));
-        for (std::size_t i = 0; i < need; ++i, ++m) {
-            val_[m] = kth;
-            idx_[m] = ties_[i];
-        }
+        keep_best_k(val_.data(), idx_.data(), n_, k_, kth, ties_.data());
         n_ = k_;
     }
 
@@ -193,6 +198,99 @@ private:
     std::vector<Entry> sorted_;
     std::vector<std::int32_t> pos_;  // positions found by one scan
     double thr_ = -std::numeric_limits<double>::infinity();
+};
+
+// The best k entries of every row of a problem at once, for passes that
+// offer each row's entries from many places (the symmetric top-k): per
+// row, a buffer of 2k (value, index) entries and a threshold, in flat
+// arrays (no allocation per row). Same rules as TopK: "better" is a larger
+// value, or an equal one with a smaller index, so the result does not
+// depend on the order of the offers; -inf entries are never taken. A row
+// must only be touched by one thread at a time; each thread brings its own
+// Scratch.
+class RowSelect {
+public:
+    struct Scratch {
+        std::vector<double> a, b;
+        std::vector<std::int64_t> ids, rank;
+        explicit Scratch(std::int64_t k)
+            : a(2 * static_cast<std::size_t>(k)), b(2 * static_cast<std::size_t>(k)),
+              ids(2 * static_cast<std::size_t>(k)), rank(2 * static_cast<std::size_t>(k)) {}
+    };
+
+    RowSelect(std::int64_t rows, std::int64_t k)
+        : k_(static_cast<std::size_t>(k)), cap_(2 * k_), count_(static_cast<std::size_t>(rows), 0),
+          thr_(static_cast<std::size_t>(rows), -std::numeric_limits<double>::infinity()),
+          val_(static_cast<std::size_t>(rows) * cap_), idx_(static_cast<std::size_t>(rows) * cap_) {}
+
+    // Bytes held for `rows` rows at this k.
+    static double bytes(std::int64_t rows, std::int64_t k) {
+        return static_cast<double>(rows) * (2.0 * static_cast<double>(k) * 12.0 + 12.0);
+    }
+
+    // Start row `row` from a known lower bound on its k-th best value
+    // (nothing below it can be among the best k).
+    void seed(std::int64_t row, double lower_bound) {
+        double& t = thr_[static_cast<std::size_t>(row)];
+        t = std::max(t, lower_bound);
+    }
+
+    // Per row: nothing below this value can still enter.
+    const double* thresholds() const { return thr_.data(); }
+
+    void offer(std::int64_t row, double x, std::int32_t id, Scratch& s) {
+        const std::size_t r = static_cast<std::size_t>(row);
+        if (x < thr_[r] || x == -std::numeric_limits<double>::infinity()) return;
+        double* val = val_.data() + r * cap_;
+        std::int32_t* idx = idx_.data() + r * cap_;
+        std::uint32_t& n = count_[r];
+        val[n] = x;
+        idx[n] = id;
+        if (++n == k_) {
+            // the first k entries at or above the threshold bound the k-th best
+            thr_[r] = std::max(thr_[r], *std::min_element(val, val + k_));
+        } else if (n == cap_) {
+            shrink(r, s);
+        }
+    }
+
+    // Row `row`'s best min(k, offered) entries, best first, into ids and
+    // values; returns how many.
+    std::size_t best(std::int64_t row, Scratch& s, std::int64_t* ids, double* values) {
+        const std::size_t r = static_cast<std::size_t>(row);
+        shrink(r, s);
+        const std::size_t n = count_[r];
+        const double* val = val_.data() + r * cap_;
+        const std::int32_t* idx = idx_.data() + r * cap_;
+        for (std::size_t i = 0; i < n; ++i) s.ids[i] = idx[i];
+        rank_order(val, s.ids.data(), static_cast<std::int64_t>(n), s.rank.data());
+        for (std::size_t i = 0; i < n; ++i) {
+            const std::size_t at = static_cast<std::size_t>(s.rank[i]);
+            ids[at] = s.ids[i];
+            values[at] = val[i];
+        }
+        return n;
+    }
+
+private:
+    // Keep the best k of a row's entries (when it holds more).
+    void shrink(std::size_t r, Scratch& s) {
+        std::uint32_t& n = count_[r];
+        if (n <= k_) return;
+        double* val = val_.data() + r * cap_;
+        std::int32_t* idx = idx_.data() + r * cap_;
+        std::copy(val, val + n, s.a.begin());
+        const double kth = kth_largest(s.a.data(), s.b.data(), n, k_ - 1);
+        thr_[r] = kth;
+        keep_best_k(val, idx, n, k_, kth, s.ids.data());
+        n = static_cast<std::uint32_t>(k_);
+    }
+
+    std::size_t k_, cap_;
+    std::vector<std::uint32_t> count_;
+    std::vector<double> thr_;
+    std::vector<double> val_;
+    std::vector<std::int32_t> idx_;
 };
 
 }  // namespace mapa

@@ -284,6 +284,13 @@ def log_posterior_topk(
     k : int
         Entries kept per row, 1 <= k <= n_refs (n_refs - 1 with exclude_self).
 
+    Notes
+    -----
+    Without ``queries``, the cpp backend takes each unordered pair once,
+    with every row's selection held at once: N * (24 k + 12) bytes on top of
+    the output. Where that would exceed 1 GiB, and with ``queries``, it
+    takes one query block at a time against every reference instead.
+
     Returns
     -------
     TopKPosterior
