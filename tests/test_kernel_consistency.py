@@ -113,6 +113,23 @@ def test_num_threads_invariance(backend, dtype):
                 )
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the cpp backend is not available")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_cpp_self_queries_bit_identical_across_threads(dtype, exclude_self):
+    # With the queries the references, the cpp kernel takes tile pairs on a
+    # schedule where each tile's pairs run in one fixed order, one thread at
+    # a time: every output, sums included, is the same bit for bit for any
+    # thread count. 700 points in tiles of 32 make 22 tiles.
+    X = make_data(700, 3, dtype=dtype, seed=13)
+    kw = dict(backend="cpp", exclude_self=exclude_self, block_size=32)
+    base = outputs(X, num_threads=1, **kw)
+    for num_threads in (2, 3, 7):
+        other = outputs(X, num_threads=num_threads, **kw)
+        for name, value in base.items():
+            np.testing.assert_array_equal(other[name], value, err_msg=f"{name}, {num_threads} threads")
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"] or [None])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0.0, 1e3])

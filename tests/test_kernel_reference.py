@@ -336,15 +336,12 @@ def test_isolated_point_with_exclude_self(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_targets_both_pass_two_paths(backend, dtype):
-    # The cpp backend takes each pair once in posterior_targets' second pass
-    # while its per-thread sums, 8 * (threads + 2) * N * (D + 2) bytes here,
-    # stay within 512 MiB; beyond that it takes every row one-sided. With
-    # N = 300 (three tiles of 128) and D = 2700, 2 threads stay within (32 MiB) and 100
-    # go beyond (807 MiB). Both must match a float64 reference built row by row from
-    # explicit differences (the shared reference would need an N x N x D
-    # array), and each other. Near-duplicate clusters keep q non-trivial in
-    # high dimension; exclude_self adds the self-free rows.
+def test_targets_high_dim_any_threads(backend, dtype):
+    # posterior_targets at N = 300 (three tiles of 128 in cpp) and D = 2700,
+    # on 2 and 100 threads, against a float64 reference built row by row
+    # from explicit differences (the shared reference would need an
+    # N x N x D array), and each other. Near-duplicate clusters keep q
+    # non-trivial in high dimension; exclude_self adds the self-free rows.
     rng = np.random.default_rng(11)
     N, D, h = 300, 2700, 0.5
     base = rng.standard_normal((6, D))

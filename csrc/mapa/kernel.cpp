@@ -1,11 +1,14 @@
 #include "kernel.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <exception>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -338,43 +341,44 @@ Order locality_order(const Args& a, index_t tb, bool with_queries = true) {
     return o;
 }
 
-// Run body(state, block) over blocks [0, nblocks) on `threads` threads.
-// Exceptions are captured inside the region and rethrown after it; a stop
-// request from the poll callback ends the loop at the next block. With
-// fixed_schedule, thread i takes blocks i, i + threads, ... (results that
-// depend on which thread did what are then reproducible); otherwise blocks
-// go to whichever thread is free.
+// Inside a parallel region: this thread's state from make_state() (empty
+// when that threw; the error is captured), and in `master` whether this is
+// the calling thread (the one that may talk to the poll callback).
+template <class State, class MakeState>
+std::optional<State> thread_state(Control& ctl, MakeState& make_state, bool& master) {
+#ifdef _OPENMP
+    master = omp_get_thread_num() == 0;
+#else
+    master = true;
+#endif
+    std::optional<State> state;
+    try {
+        state.emplace(make_state());
+    } catch (...) {
+        ctl.capture(std::current_exception());
+    }
+    return state;
+}
+
+// Run body(state, block) over blocks [0, nblocks) on `threads` threads,
+// each block going to whichever thread is free. Exceptions are captured
+// inside the region and rethrown after it; a stop request from the poll
+// callback ends the loop at the next block.
 template <class State, class MakeState, class Body, class Units>
-void parallel_blocks(index_t nblocks, int threads, Control& ctl, MakeState make_state, Body body, Units units,
-                     bool fixed_schedule = false) {
+void parallel_blocks(index_t nblocks, int threads, Control& ctl, MakeState make_state, Body body, Units units) {
 #pragma omp parallel num_threads(threads)
     {
-        std::optional<State> state;
-        try {
-            state.emplace(make_state());
-        } catch (...) {
-            ctl.capture(std::current_exception());
-        }
-#ifdef _OPENMP
-        const bool master = omp_get_thread_num() == 0;
-#else
-        const bool master = true;
-#endif
-        const auto one = [&](index_t b) {
-            if (ctl.stopped() || !state) return;
+        bool master;
+        std::optional<State> state = thread_state<State>(ctl, make_state, master);
+#pragma omp for schedule(dynamic, 1)
+        for (index_t b = 0; b < nblocks; ++b) {
+            if (ctl.stopped() || !state) continue;
             try {
                 body(*state, b);
             } catch (...) {
                 ctl.capture(std::current_exception());
             }
             ctl.advance(units(b), master);
-        };
-        if (fixed_schedule) {
-#pragma omp for schedule(static, 1)
-            for (index_t b = 0; b < nblocks; ++b) one(b);
-        } else {
-#pragma omp for schedule(dynamic, 1)
-            for (index_t b = 0; b < nblocks; ++b) one(b);
         }
     }
     ctl.rethrow();
@@ -431,46 +435,100 @@ void normalizer_into(const Args& a, const PackedRefs& p, Out* out, Control& ctl,
         order);
 }
 
+// Run visit(state, ta, tb) for every pair of tiles ta <= tb of nt tiles,
+// never two pairs that share a tile at once, and each tile's pairs in one
+// fixed order: its diagonal pair first, then the rounds of the circle
+// method of round-robin tournaments (P - 1 rounds of P / 2 pairs that share
+// no tile, P = nt rounded up to even; a pair with tile nt, when P > nt, is
+// a bye). A pair may start once the previous pairs of both its tiles are
+// done, and a free thread takes the earliest pair that may start: no
+// barrier between rounds, and a thread held up (by another process) holds
+// up only the pairs of its two tiles. Whatever visit writes for the rows of
+// its two tiles is thus written by one thread at a time, in the same order
+// on every call, whatever the thread count. make_state() builds each
+// thread's state; units(ta, tb) is the pair's progress count. A stop
+// request ends the loop at the next pair.
+template <class State, class MakeState, class Visit, class Units>
+void over_tile_rounds(index_t nt, int threads, Control& ctl, MakeState make_state, Visit visit, Units units) {
+    std::vector<std::pair<index_t, index_t>> pairs;
+    for (index_t t = 0; t < nt; ++t) pairs.emplace_back(t, t);
+    const index_t P = nt + nt % 2;
+    for (index_t r = 0; r + 1 < P; ++r)
+        for (index_t i = 0; i < P / 2; ++i) {
+            const index_t u = i == 0 ? P - 1 : (r + i) % (P - 1), v = (r - i + P - 1) % (P - 1);
+            if (u < nt && v < nt) pairs.emplace_back(std::min(u, v), std::max(u, v));
+        }
+    const index_t n = static_cast<index_t>(pairs.size());
+    // prev[2 i], prev[2 i + 1]: the pair before pair i of its first and its
+    // second tile (-1: none)
+    std::vector<index_t> prev(static_cast<std::size_t>(2 * n)), last(static_cast<std::size_t>(nt), -1);
+    for (index_t i = 0; i < n; ++i) {
+        const auto [ta, tb] = pairs[static_cast<std::size_t>(i)];
+        prev[static_cast<std::size_t>(2 * i)] = last[static_cast<std::size_t>(ta)];
+        prev[static_cast<std::size_t>(2 * i + 1)] = ta == tb ? -1 : last[static_cast<std::size_t>(tb)];
+        last[static_cast<std::size_t>(ta)] = last[static_cast<std::size_t>(tb)] = i;
+    }
+    const std::unique_ptr<std::atomic<bool>[]> done(new std::atomic<bool>[static_cast<std::size_t>(n)]);
+    for (index_t i = 0; i < n; ++i) done[i].store(false, std::memory_order_relaxed);
+    std::vector<char> taken(static_cast<std::size_t>(n), 0);
+    std::mutex lock;
+    index_t head = 0;  // every pair before it is taken
+    const auto after = [&](index_t q) { return q < 0 || done[q].load(std::memory_order_acquire); };
+#pragma omp parallel num_threads(threads)
+    {
+        bool master;
+        std::optional<State> state = thread_state<State>(ctl, make_state, master);
+        while (!ctl.stopped()) {
+            index_t got = -1;
+            {
+                const std::lock_guard<std::mutex> hold(lock);
+                while (head < n && taken[static_cast<std::size_t>(head)]) ++head;
+                if (head == n) break;
+                // pairs further on than one round past the head wait anyway
+                for (index_t i = head; i < std::min(n, head + nt + 1); ++i)
+                    if (!taken[static_cast<std::size_t>(i)] && after(prev[static_cast<std::size_t>(2 * i)]) &&
+                        after(prev[static_cast<std::size_t>(2 * i + 1)])) {
+                        taken[static_cast<std::size_t>(i)] = 1;
+                        got = i;
+                        break;
+                    }
+            }
+            if (got < 0) {
+                std::this_thread::yield();
+                continue;
+            }
+            const auto [ta, tb] = pairs[static_cast<std::size_t>(got)];
+            try {
+                if (state) visit(*state, ta, tb);
+            } catch (...) {
+                ctl.capture(std::current_exception());
+            }
+            done[got].store(true, std::memory_order_release);
+            ctl.advance(units(ta, tb), master);
+        }
+    }
+    ctl.rethrow();
+    if (ctl.stopped()) throw Cancelled();
+}
+
 // Run body(state, ta, tb, r0, rows) for every block of at most kRows rows
 // r0 .. r0 + rows of tile ta against tile tb, over the tile pairs ta <= tb
-// on a fixed schedule (thread i takes pairs i, i + threads, ...), so that
-// per-thread sums, and hence results, are reproducible; make_state(i)
-// builds thread i's state. Pairs of distinct tiles whose every
-// exponential is exactly 0 (tiles_apart at `floor`) are left out. Progress
-// counts the ordered pairs each tile pair stands for.
+// on over_tile_rounds: what body adds to the rows of ta and tb is added by
+// one thread at a time, in the same order on every call, whatever the
+// thread count. Pairs of distinct tiles whose every exponential is exactly
+// 0 (tiles_apart at `floor`) are left out. Progress counts the ordered
+// pairs each tile pair stands for.
 template <class State, class MakeState, class Body>
 void over_tile_pairs(const PackedRefs& p, int threads, double scale, double floor, Control& ctl,
                      MakeState make_state, Body body) {
-    std::vector<std::pair<index_t, index_t>> units;
-    index_t skipped = 0;
-    for (index_t ta = 0; ta < p.ntiles; ++ta)
-        for (index_t tb = ta; tb < p.ntiles; ++tb) {
-            if (ta != tb && tiles_apart(p, ta, tb, scale, floor)) {
-                skipped += 2 * p.len(ta) * p.len(tb);
-            } else {
-                units.emplace_back(ta, tb);
-            }
-        }
-    ctl.advance(skipped, /*is_master=*/true);
-    parallel_blocks<State>(
-        static_cast<index_t>(units.size()), threads, ctl,
-        [&] {
-#ifdef _OPENMP
-            return make_state(static_cast<index_t>(omp_get_thread_num()));
-#else
-            return make_state(index_t{0});
-#endif
-        },
-        [&](State& s, index_t u) {
-            const auto [ta, tb] = units[static_cast<std::size_t>(u)];
+    over_tile_rounds<State>(
+        p.ntiles, threads, ctl, make_state,
+        [&](State& s, index_t ta, index_t tb) {
+            if (ta != tb && tiles_apart(p, ta, tb, scale, floor)) return;
             const index_t end = ta * p.tb + p.len(ta);
             for (index_t r0 = ta * p.tb; r0 < end; r0 += kRows) body(s, ta, tb, r0, std::min(kRows, end - r0));
         },
-        [&](index_t u) {
-            const auto [ta, tb] = units[static_cast<std::size_t>(u)];
-            return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2);
-        },
-        /*fixed_schedule=*/true);
+        [&](index_t ta, index_t tb) { return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2); });
 }
 
 // Queries are the references themselves (Y is X).
@@ -518,27 +576,17 @@ void self_logs(const Args& a, const PackedRefs& p, const double* total, double* 
 template <class T>
 void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& ctl, const Order* order = nullptr,
                      const T* xrows = nullptr) {
-    const index_t n = a.n;
-    const int threads = a.threads;
-    std::vector<double> sums(static_cast<std::size_t>(threads * n), 0.0);  // one row of n per thread
-    struct State {
-        RowBlock block;
-        double* sum;
-    };
+    std::vector<double> sums(static_cast<std::size_t>(a.n), 0.0);  // by packed position
     const T* x = xrows ? xrows : static_cast<const T*>(a.x);
-    over_tile_pairs<State>(
-        p, threads, a.scale, exp_floor<T>(), ctl,
-        [&](index_t me) { return State{RowBlock(a.d, p.ld), sums.data() + me * n}; },
-        [&](State& s, index_t ta, index_t tb, index_t r0, index_t rows) {
-            s.block.load(x, r0, rows, a.d, p.shift(), nullptr, nullptr);
-            tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
-            exp_sums(s.block.logits.data(), p.ld, rows, p.len(tb), s.sum + r0, ta == tb ? nullptr : s.sum + tb * p.tb,
-                     T{});
+    over_tile_pairs<RowBlock>(
+        p, a.threads, a.scale, exp_floor<T>(), ctl, [&] { return RowBlock(a.d, p.ld); },
+        [&](RowBlock& b, index_t ta, index_t tb, index_t r0, index_t rows) {
+            b.load(x, r0, rows, a.d, p.shift(), nullptr, nullptr);
+            tile_logits(p, b, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
+            exp_sums(b.logits.data(), p.ld, rows, p.len(tb), sums.data() + r0,
+                     ta == tb ? nullptr : sums.data() + tb * p.tb, T{});
         });
-    std::vector<double> total(static_cast<std::size_t>(n), 0.0);
-    for (index_t i = 0; i < n; ++i)
-        for (int t = 0; t < threads; ++t) total[static_cast<std::size_t>(i)] += sums[static_cast<std::size_t>(t * n + i)];
-    self_logs<T>(a, p, total.data(), out, ctl, order);
+    self_logs<T>(a, p, sums.data(), out, ctl, order);
 }
 
 }  // namespace
@@ -710,13 +758,12 @@ constexpr double kSymmetricTopkBytes = 1024.0 * (1 << 20);
 // every row's selection (RowSelect) and sum of exponentials (as in
 // self_normalizer) are live at once: tile pair (ta, tb) offers row i of ta
 // the logits l_ij of tile tb's columns at or above i's threshold, and
-// column j of tb the l_ij of ta's rows at or above j's. Rounds of tile
-// pairs that share no tile (the circle method of round-robin tournaments:
-// the diagonal pairs first, then the P - 1 rounds of P tiles) go to the
-// threads in any order, so no row is touched by two threads at once and
-// each row's sum is taken in round order, whatever the thread count. A
-// pair is left out when its logits are all below the exponential's floor
-// and every threshold of both tiles' rows.
+// column j of tb the l_ij of ta's rows at or above j's. The pairs run on
+// over_tile_rounds, so no row is touched by two threads at once and each
+// row's sum is taken in the same order whatever the thread count; a row's
+// first pair is its own tile's, which seeds its threshold. A pair is left
+// out when its logits are all below the exponential's floor and every
+// threshold of both tiles' rows.
 template <class T>
 void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, Control& ctl) {
     const index_t n = a.n;
@@ -816,31 +863,8 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
             }
         }
     };
-    // The rounds: the diagonal, then the circle method over P = nt rounded
-    // up to even tiles (a pair with tile nt, when P > nt, is a bye).
-    const index_t P = nt + nt % 2;
-    std::vector<std::pair<index_t, index_t>> round;
-    for (index_t r = -1; r < P - 1; ++r) {
-        round.clear();
-        if (r < 0) {
-            for (index_t t = 0; t < nt; ++t) round.emplace_back(t, t);
-        } else {
-            for (index_t i = 0; i < P / 2; ++i) {
-                const index_t u = i == 0 ? P - 1 : (r + i) % (P - 1), v = (r - i + P - 1) % (P - 1);
-                if (u < nt && v < nt) round.emplace_back(std::min(u, v), std::max(u, v));
-            }
-        }
-        parallel_blocks<Work*>(
-            static_cast<index_t>(round.size()), a.threads, ctl, mine,
-            [&](Work* w, index_t u) {
-                const auto [ta, tb] = round[static_cast<std::size_t>(u)];
-                visit(*w, ta, tb);
-            },
-            [&](index_t u) {
-                const auto [ta, tb] = round[static_cast<std::size_t>(u)];
-                return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2);
-            });
-    }
+    over_tile_rounds<Work*>(nt, a.threads, ctl, mine, [&](Work* w, index_t ta, index_t tb) { visit(*w, ta, tb); },
+                            [&](index_t ta, index_t tb) { return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2); });
     std::vector<double> ln(static_cast<std::size_t>(n));
     self_logs<T>(a, p, sums.data(), ln.data(), ctl, &sr.order);
     // Each row's best k, best first; fewer than k only if fewer finite
@@ -964,27 +988,22 @@ void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, 
 }
 
 namespace {
-// Per-thread accumulators of the symmetric targets pass are used while they
-// take at most this much memory; beyond it, every row goes one-sided.
-constexpr double kSymmetricTargetBytes = 512.0 * (1 << 20);
-
 // Target sums of every reference, accumulated in `tot`: ntiles * dw * ld
 // doubles, tile t's block holding dw = d + 2 feature-major rows of ld: the
 // weight W (row 0), the first moment sum_i q_ij y_i (rows 1 .. d) and
 // sum_i q_ij ||y_i||^2 (row d + 1), all in the packed (possibly shifted)
 // coordinates.
 
-// One-sided: the query rows `rows` (input rows; every row when null)
-// against each reference tile in turn (p packed in order.refs), q_ij =
-// exp(l_ij - lnorm_i) computed directly. One
-// reference tile per unit of work, so each thread owns the part of tot it
-// writes.
+// One-sided: the query rows `rows` (input rows) against each reference
+// tile in turn (p packed in order.refs), q_ij = exp(l_ij - lnorm_i)
+// computed directly. One reference tile per unit of work, so each thread
+// owns the part of tot it writes.
 template <class T>
 void one_sided_targets(const Args& a, const PackedRefs& p, const Order& order, const double* lnorm,
-                       const std::vector<index_t>* rows, double* tot, Control& ctl) {
-    const index_t d = a.d, dw = d + 2, m = rows ? static_cast<index_t>(rows->size()) : a.n;
+                       const std::vector<index_t>& rows, double* tot, Control& ctl) {
+    const index_t d = a.d, dw = d + 2, m = static_cast<index_t>(rows.size());
     std::vector<double> ln(static_cast<std::size_t>(m));
-    for (index_t i = 0; i < m; ++i) ln[static_cast<std::size_t>(i)] = lnorm[rows ? (*rows)[static_cast<std::size_t>(i)] : i];
+    for (index_t i = 0; i < m; ++i) ln[static_cast<std::size_t>(i)] = lnorm[rows[static_cast<std::size_t>(i)]];
     const T* x = static_cast<const T*>(a.x);
     parallel_blocks<RowBlock>(
         p.ntiles, a.threads, ctl, [&] { return RowBlock(d, p.ld); },
@@ -992,7 +1011,7 @@ void one_sided_targets(const Args& a, const PackedRefs& p, const Order& order, c
             double* acc = tot + t * dw * p.ld;
             for (index_t r0 = 0; r0 < m; r0 += kRows) {
                 const index_t nr = std::min(kRows, m - r0);
-                b.load(x, r0, nr, d, p.shift(), rows ? rows->data() : nullptr, order.position.data());
+                b.load(x, r0, nr, d, p.shift(), rows.data(), order.position.data());
                 tile_logits(p, b, nr, t, a.scale, a.exclude_self, /*with_max=*/false);
                 accumulate_targets(b.logits.data(), p.ld, ln.data() + r0, b.y.data(), b.ynorm.data(), nr, d, acc,
                                    acc + p.ld, acc + (d + 1) * p.ld, T{});
@@ -1004,8 +1023,7 @@ void one_sided_targets(const Args& a, const PackedRefs& p, const Order& order, c
 // Symmetric: each unordered pair's distance and exponential e_ij = exp(l_ij)
 // once, with q_ij = e_ij / Z_i: the pair adds e_ij u_i to reference j's sums
 // and e_ij u_j to reference i's, where u_i = (1, y_i, ||y_i||^2) / Z_i.
-// Tile pairs on over_tile_pairs' fixed schedule, each thread with sums for
-// every reference, added in thread order at the end.
+// Tile pairs on over_tile_pairs, adding straight into tot.
 //
 // Where log Z_i >= 0 (always, unless exclude_self), q_ij <= e_ij, so every
 // term the one-sided form resolves (q_ij above the exponential's floor) is
@@ -1040,29 +1058,19 @@ void symmetric_targets(const Args& a, const PackedRefs& p, const Order& order, c
         T* col = ut.data() + (i / p.tb) * per + i % p.tb;
         for (index_t k = 0; k < dw; ++k) col[k * ld] = ui[k];
     }
-    const int threads = a.threads;
-    std::vector<double> sums(static_cast<std::size_t>(threads * nt * per), 0.0);
     struct State {
         RowBlock block;
-        double* acc;
         std::vector<T> q;
     };
     over_tile_pairs<State>(
-        p, threads, a.scale, exp_floor<T>(), ctl,
-        [&](index_t me) {
-            return State{RowBlock(d, ld), sums.data() + me * nt * per,
-                         std::vector<T>(static_cast<std::size_t>(kTargetRows * (ld + 16)))};
-        },
+        p, a.threads, a.scale, exp_floor<T>(), ctl,
+        [&] { return State{RowBlock(d, ld), std::vector<T>(static_cast<std::size_t>(kTargetRows * (ld + 16)))}; },
         [&](State& s, index_t ta, index_t tb, index_t r0, index_t rows) {
             s.block.load(xrows, r0, rows, d, c, nullptr, nullptr);
             tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
             pair_targets(s.block.logits.data(), ld, rows, u.data() + r0 * dw, ut.data() + tb * per, dw,
-                         s.acc + tb * per, ta == tb ? nullptr : s.acc + ta * per + (r0 - ta * p.tb), s.q.data());
+                         tot + tb * per, ta == tb ? nullptr : tot + ta * per + (r0 - ta * p.tb), s.q.data());
         });
-    for (int t = 0; t < threads; ++t) {
-        const double* st = sums.data() + static_cast<std::size_t>(t) * nt * per;
-        for (index_t i = 0; i < nt * per; ++i) tot[i] += st[i];
-    }
 }
 }  // namespace
 
@@ -1075,18 +1083,13 @@ void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
     // Pass 1: exact log-normaliser of every row (by input row), in double.
     std::vector<double> lnorm(static_cast<std::size_t>(n));
     self_normalizer<T>(a, p, lnorm.data(), ctl, &sr.order, sr.x);
-    // Pass 2: the sums, each pair once where the memory allows.
+    // Pass 2: the sums, each pair once, and the rows left over one-sided.
     std::vector<double> tot(static_cast<std::size_t>(p.ntiles * dw * p.ld), 0.0);
-    const double bytes = 8.0 * static_cast<double>(a.threads + 2) * static_cast<double>(p.ntiles * dw * p.ld);
     std::vector<index_t> rest;
-    if (bytes <= kSymmetricTargetBytes) {
-        symmetric_targets<T>(a, p, sr.order, sr.x, lnorm.data(), tot.data(), rest, ctl);
-        if (!rest.empty()) {
-            ctl.set_total(ctl.total() + static_cast<index_t>(rest.size()) * n);
-            one_sided_targets<T>(a, p, sr.order, lnorm.data(), &rest, tot.data(), ctl);
-        }
-    } else {
-        one_sided_targets<T>(a, p, sr.order, lnorm.data(), nullptr, tot.data(), ctl);
+    symmetric_targets<T>(a, p, sr.order, sr.x, lnorm.data(), tot.data(), rest, ctl);
+    if (!rest.empty()) {
+        ctl.set_total(ctl.total() + static_cast<index_t>(rest.size()) * n);
+        one_sided_targets<T>(a, p, sr.order, lnorm.data(), rest, tot.data(), ctl);
     }
     // Back from shifted coordinates (x = x~ + c) when the tiles were shifted.
     const double* c = p.shift();

@@ -329,10 +329,9 @@ def posterior_targets(
     accumulated without ever holding the (N, N) matrix: one pass over the
     pairs for the normalisers, a second for the sums. The cpp backend takes
     each unordered pair once in both passes (q(i|n) = exp(logit) / Z_n, one
-    exponential serving both orders), with per-thread sums of
-    (num_threads + 2) * N * (n_features + 2) * 8 bytes; where that would
-    exceed 512 MiB, and for rows with log Z_n < 0 (only with
-    ``exclude_self``), it computes q(i|n) row by row instead.
+    exponential serving both orders); for rows with log Z_n < 0 (only with
+    ``exclude_self``) it computes q(i|n) row by row instead. Its results do
+    not depend on ``num_threads``, bit for bit.
 
     Parameters
     ----------
