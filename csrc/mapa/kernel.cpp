@@ -6,9 +6,7 @@
 #include <exception>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <optional>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -435,6 +433,12 @@ void normalizer_into(const Args& a, const PackedRefs& p, Out* out, Control& ctl,
         order);
 }
 
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
 // Run visit(state, ta, tb) for every pair of tiles ta <= tb of nt tiles,
 // never two pairs that share a tile at once, and each tile's pairs in one
 // fixed order: its diagonal pair first, then the rounds of the circle
@@ -468,33 +472,38 @@ void over_tile_rounds(index_t nt, int threads, Control& ctl, MakeState make_stat
         prev[static_cast<std::size_t>(2 * i + 1)] = ta == tb ? -1 : last[static_cast<std::size_t>(tb)];
         last[static_cast<std::size_t>(ta)] = last[static_cast<std::size_t>(tb)] = i;
     }
-    const std::unique_ptr<std::atomic<bool>[]> done(new std::atomic<bool>[static_cast<std::size_t>(n)]);
-    for (index_t i = 0; i < n; ++i) done[i].store(false, std::memory_order_relaxed);
-    std::vector<char> taken(static_cast<std::size_t>(n), 0);
-    std::mutex lock;
-    index_t head = 0;  // every pair before it is taken
-    const auto after = [&](index_t q) { return q < 0 || done[q].load(std::memory_order_acquire); };
+    // each pair's stage: 0 free, 1 taken, 2 done; no lock (a contended
+    // mutex puts the waiting thread to sleep, and waking it costs more than
+    // a small pair)
+    enum : char { kFree = 0, kTaken = 1, kDone = 2 };
+    const std::unique_ptr<std::atomic<char>[]> stage(new std::atomic<char>[static_cast<std::size_t>(n)]);
+    for (index_t i = 0; i < n; ++i) stage[i].store(kFree, std::memory_order_relaxed);
+    std::atomic<index_t> head{0};  // every pair before it is taken
+    const auto after = [&](index_t q) { return q < 0 || stage[q].load(std::memory_order_acquire) == kDone; };
 #pragma omp parallel num_threads(threads)
     {
         bool master;
         std::optional<State> state = thread_state<State>(ctl, make_state, master);
         while (!ctl.stopped()) {
+            index_t h = head.load(std::memory_order_relaxed);
+            while (h < n && stage[h].load(std::memory_order_relaxed) != kFree) ++h;
+            if (h == n) break;
+            for (index_t seen = head.load(std::memory_order_relaxed); seen < h;)
+                if (head.compare_exchange_weak(seen, h, std::memory_order_relaxed)) break;
             index_t got = -1;
-            {
-                const std::lock_guard<std::mutex> hold(lock);
-                while (head < n && taken[static_cast<std::size_t>(head)]) ++head;
-                if (head == n) break;
-                // pairs further on than one round past the head wait anyway
-                for (index_t i = head; i < std::min(n, head + nt + 1); ++i)
-                    if (!taken[static_cast<std::size_t>(i)] && after(prev[static_cast<std::size_t>(2 * i)]) &&
-                        after(prev[static_cast<std::size_t>(2 * i + 1)])) {
-                        taken[static_cast<std::size_t>(i)] = 1;
-                        got = i;
-                        break;
-                    }
+            // pairs further on than one round past the head wait anyway
+            for (index_t i = h; got < 0 && i < std::min(n, h + nt + 1); ++i) {
+                char expect = kFree;
+                if (stage[i].load(std::memory_order_relaxed) == kFree && after(prev[static_cast<std::size_t>(2 * i)]) &&
+                    after(prev[static_cast<std::size_t>(2 * i + 1)]) &&
+                    stage[i].compare_exchange_strong(expect, kTaken, std::memory_order_acq_rel))
+                    got = i;
             }
             if (got < 0) {
-                std::this_thread::yield();
+                // a short wait: the pairs ahead finish within microseconds
+                // to milliseconds, and yielding the core to another process
+                // could cost a whole time slice
+                for (int i = 0; i < 64; ++i) spin_pause();
                 continue;
             }
             const auto [ta, tb] = pairs[static_cast<std::size_t>(got)];
@@ -503,7 +512,7 @@ void over_tile_rounds(index_t nt, int threads, Control& ctl, MakeState make_stat
             } catch (...) {
                 ctl.capture(std::current_exception());
             }
-            done[got].store(true, std::memory_order_release);
+            stage[got].store(kDone, std::memory_order_release);
             ctl.advance(units(ta, tb), master);
         }
     }
@@ -625,8 +634,16 @@ struct SortedRefs {
 };
 
 template <class T>
-SortedRefs<T> sorted_refs(const Args& a, bool always_sort = false) {
+SortedRefs<T> sorted_refs(const Args& given, bool always_sort = false) {
+    Args a = given;
     const bool single = float_distances<T>(a);
+    if (a.tile == 0) {
+        // at least 4 tiles per thread, so that pairs sharing no tile keep
+        // every thread busy (small problems)
+        const index_t most = (a.n + 4 * a.threads - 1) / (4 * a.threads);
+        a.tile = std::max<index_t>(2 * kTileAlign, std::min(default_tile(a.n, a.d, single),
+                                                            (most + kTileAlign - 1) / kTileAlign * kTileAlign));
+    }
     const T* x = static_cast<const T*>(a.x);
     std::vector<double> lo, hi;
     feature_ranges(x, a.n, a.d, lo, hi);
