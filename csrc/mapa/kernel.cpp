@@ -854,11 +854,12 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
                 top = std::max(top, w.block.tmax[r]);
                 if (w.block.tmax[r] < thr[r0 + r]) continue;
                 if (diag && group > 0) {
-                    // The row's first tile (the diagonal round comes first):
-                    // the k-th largest of the maxima of its groups of
-                    // `group` columns (at least 2k groups) bounds the k-th
-                    // best entry from below (k distinct entries reach it),
-                    // so only a few times k entries are offered.
+                    // The row's first pair, its own tile's
+                    // (over_tile_rounds runs the diagonal first): the k-th
+                    // largest of the maxima of its groups of `group`
+                    // columns (at least 2k groups) bounds the k-th best
+                    // entry from below (k distinct entries reach it), so
+                    // only a few times k entries are offered.
                     const index_t ng = group_max(vr, len, group, w.groups.data());
                     sel.seed(r0 + r, kth_largest(w.groups.data(), w.spare.data(), static_cast<std::size_t>(ng),
                                                  static_cast<std::size_t>(k - 1)));
