@@ -150,17 +150,11 @@ void add_boxes(PackedRefs& p) {
     }
 }
 
-// Whether every exponential between tiles ta and tb is exactly 0 (p has
-// its boxes, add_boxes): the
-// boxes' gap bounds each pair's squared distance from below; the computed
-// distances may fall short of the exact ones by a relative (d + 1) 2^-24
-// (float sums, d <= 32) or, on the expansion path, an absolute
-// (d + 3) 2^-50 r2max, both covered by the slack; `floor` is the logit
-// under which exp_nonpos of the precision used gives 0 (with a margin).
-bool tiles_apart(const PackedRefs& p, index_t ta, index_t tb, double scale, double floor);
-
-// An upper bound on every computed logit between tiles ta and tb (see
-// tiles_apart).
+// An upper bound on every computed logit between tiles ta and tb (p has
+// its boxes, add_boxes): the boxes' gap bounds each pair's squared distance
+// from below; the computed distances may fall short of the exact ones by a
+// relative (d + 1) 2^-24 (float sums, d <= 32) or, on the expansion path, an
+// absolute (d + 3) 2^-50 r2max, both covered by the slack.
 double logit_bound(const PackedRefs& p, index_t ta, index_t tb, double scale) {
     double gap2 = 0.0;
     for (index_t k = 0; k < p.d; ++k) {
@@ -172,6 +166,9 @@ double logit_bound(const PackedRefs& p, index_t ta, index_t tb, double scale) {
     return -scale * (gap2 - slack);
 }
 
+// Whether every exponential between tiles ta and tb is exactly 0: `floor`
+// is the logit under which exp_nonpos of the precision used gives 0 (with a
+// margin).
 bool tiles_apart(const PackedRefs& p, index_t ta, index_t tb, double scale, double floor) {
     return logit_bound(p, ta, tb, scale) < floor;
 }
@@ -520,6 +517,11 @@ void over_tile_rounds(index_t nt, int threads, Control& ctl, MakeState make_stat
     if (ctl.stopped()) throw Cancelled();
 }
 
+// The ordered pairs the tile pair (ta, tb), ta <= tb, stands for (progress).
+index_t pair_units(const PackedRefs& p, index_t ta, index_t tb) {
+    return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2);
+}
+
 // Run body(state, ta, tb, r0, rows) for every block of at most kRows rows
 // r0 .. r0 + rows of tile ta against tile tb, over the tile pairs ta <= tb
 // on over_tile_rounds: what body adds to the rows of ta and tb is added by
@@ -537,7 +539,7 @@ void over_tile_pairs(const PackedRefs& p, int threads, double scale, double floo
             const index_t end = ta * p.tb + p.len(ta);
             for (index_t r0 = ta * p.tb; r0 < end; r0 += kRows) body(s, ta, tb, r0, std::min(kRows, end - r0));
         },
-        [&](index_t ta, index_t tb) { return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2); });
+        [&](index_t ta, index_t tb) { return pair_units(p, ta, tb); });
 }
 
 // Queries are the references themselves (Y is X).
@@ -623,7 +625,9 @@ namespace {
 // order.refs and order.position the identity. The sort is only tried when
 // the data's diameter is more than twice the distance beyond which every
 // exponential is 0; with always_sort, in the locality order whatever the
-// data.
+// data. With the default tile, at least `per_thread` tiles per thread (so
+// that pairs sharing no tile keep every thread busy in small problems) and
+// at most `longest` columns.
 template <class T>
 struct SortedRefs {
     Order order;
@@ -634,15 +638,15 @@ struct SortedRefs {
 };
 
 template <class T>
-SortedRefs<T> sorted_refs(const Args& given, bool always_sort = false) {
+SortedRefs<T> sorted_refs(const Args& given, bool always_sort = false, index_t per_thread = 4,
+                          index_t longest = kMaxTile) {
     Args a = given;
     const bool single = float_distances<T>(a);
     if (a.tile == 0) {
-        // at least 4 tiles per thread, so that pairs sharing no tile keep
-        // every thread busy (small problems)
-        const index_t most = (a.n + 4 * a.threads - 1) / (4 * a.threads);
-        a.tile = std::max<index_t>(2 * kTileAlign, std::min(default_tile(a.n, a.d, single),
-                                                            (most + kTileAlign - 1) / kTileAlign * kTileAlign));
+        const index_t most = (a.n + per_thread * a.threads - 1) / (per_thread * a.threads);
+        a.tile = std::max<index_t>(2 * kTileAlign,
+                                   std::min({default_tile(a.n, a.d, single), longest,
+                                             (most + kTileAlign - 1) / kTileAlign * kTileAlign}));
     }
     const T* x = static_cast<const T*>(a.x);
     std::vector<double> lo, hi;
@@ -765,9 +769,9 @@ struct TopKState : NormState<T> {
 };
 }  // namespace
 
+namespace {
 // The symmetric top-k's selection state is used while it takes at most
 // this much memory; beyond it, the one-sided form runs.
-namespace {
 constexpr double kSymmetricTopkBytes = 1024.0 * (1 << 20);
 
 // Top-k with the queries the references themselves, each unordered pair's
@@ -784,19 +788,10 @@ constexpr double kSymmetricTopkBytes = 1024.0 * (1 << 20);
 template <class T>
 void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, Control& ctl) {
     const index_t n = a.n;
-    Args b = a;
-    if (a.tile == 0) {
-        // Tiles of at most 256 columns, so a row block's logits (16 x 256
-        // doubles) stay in L1 through the sums and both scans (measured
-        // fastest, D = 2 and 16), and at least 8 tiles per thread, so each
-        // round keeps the threads busy.
-        const bool single = float_distances<T>(a);
-        const index_t most = (n + 8 * a.threads - 1) / (8 * a.threads);
-        b.tile = std::max<index_t>(2 * kTileAlign,
-                                   std::min({default_tile(n, a.d, single), index_t{256},
-                                             (most + kTileAlign - 1) / kTileAlign * kTileAlign}));
-    }
-    const SortedRefs<T> sr = sorted_refs<T>(b, /*always_sort=*/true);
+    // Default tiles of at most 256 columns, so a row block's logits (16 x 256
+    // doubles) stay in L1 through the sums and both scans (measured fastest,
+    // D = 2 and 16), and at least 8 per thread.
+    const SortedRefs<T> sr = sorted_refs<T>(a, /*always_sort=*/true, /*per_thread=*/8, /*longest=*/256);
     const PackedRefs& p = sr.p;
     const index_t nt = p.ntiles, ld = p.ld;
     std::vector<std::int32_t> refs(sr.order.refs.begin(), sr.order.refs.end());
@@ -808,20 +803,6 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
         std::vector<std::int32_t> pos;
         std::vector<double> groups, spare;
         std::vector<std::uint32_t> masks;
-        std::vector<std::int64_t> ids;  // one row's result
-        std::vector<double> vals;
-    };
-    std::vector<Work> works;
-    for (int t = 0; t < a.threads; ++t)
-        works.push_back(Work{RowBlock(a.d, ld), RowSelect::Scratch(k), std::vector<std::int32_t>(ld),
-                             std::vector<double>(ld), std::vector<double>(ld), std::vector<std::uint32_t>(ld),
-                             std::vector<std::int64_t>(k), std::vector<double>(k)});
-    const auto mine = [&] {
-#ifdef _OPENMP
-        return &works[static_cast<std::size_t>(omp_get_thread_num())];
-#else
-        return &works[0];
-#endif
     };
     const double* thr = sel.thresholds();
     const auto visit = [&](Work& w, index_t ta, index_t tb) {
@@ -881,19 +862,30 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
             }
         }
     };
-    over_tile_rounds<Work*>(nt, a.threads, ctl, mine, [&](Work* w, index_t ta, index_t tb) { visit(*w, ta, tb); },
-                            [&](index_t ta, index_t tb) { return p.len(ta) * p.len(tb) * (ta == tb ? 1 : 2); });
+    over_tile_rounds<Work>(
+        nt, a.threads, ctl,
+        [&] {
+            return Work{RowBlock(a.d, ld), RowSelect::Scratch(k), std::vector<std::int32_t>(ld),
+                        std::vector<double>(ld), std::vector<double>(ld), std::vector<std::uint32_t>(ld)};
+        },
+        visit, [&](index_t ta, index_t tb) { return pair_units(p, ta, tb); });
     std::vector<double> ln(static_cast<std::size_t>(n));
     self_logs<T>(a, p, sums.data(), ln.data(), ctl, &sr.order);
     // Each row's best k, best first; fewer than k only if fewer finite
     // logits exist (the rest: index -1, log q = -inf).
-    parallel_blocks<Work*>(
-        (n + kRows - 1) / kRows, a.threads, ctl, mine,
-        [&](Work* w, index_t blk) {
-            const std::int64_t* ids = w->ids.data();
-            const double* vals = w->vals.data();
+    struct Out {
+        RowSelect::Scratch scratch;
+        std::vector<std::int64_t> ids;  // one row's result
+        std::vector<double> vals;
+    };
+    parallel_blocks<Out>(
+        (n + kRows - 1) / kRows, a.threads, ctl,
+        [&] { return Out{RowSelect::Scratch(k), std::vector<std::int64_t>(k), std::vector<double>(k)}; },
+        [&](Out& o, index_t blk) {
+            const std::int64_t* ids = o.ids.data();
+            const double* vals = o.vals.data();
             for (index_t i = blk * kRows; i < std::min(n, (blk + 1) * kRows); ++i) {
-                const std::size_t got = sel.best(i, w->scratch, w->ids.data(), w->vals.data());
+                const std::size_t got = sel.best(i, o.scratch, o.ids.data(), o.vals.data());
                 const index_t g = sr.order.refs[static_cast<std::size_t>(i)];
                 const double lg = ln[static_cast<std::size_t>(g)];
                 log_norm[g] = static_cast<T>(lg);

@@ -371,8 +371,7 @@ index_t group_max(const double* v, index_t len, index_t size, double* out) {
     switch (size) {
         case 1: return group_max_impl<1>(v, len, out);
         case 2: return group_max_impl<2>(v, len, out);
-        case 4: return group_max_impl<4>(v, len, out);
-        default: return group_max_impl<8>(v, len, out);
+        default: return group_max_impl<4>(v, len, out);
     }
 }
 
