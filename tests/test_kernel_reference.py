@@ -263,11 +263,13 @@ def test_topk_rounds_of_tile_pairs(backend, dtype, exclude_self):
     # live at once and started from a bound found in its own tile. 730
     # points in tiles of 32 make 23 tiles (an odd count: each round has a
     # bye); the default tiles (64 here) take the started selection; k = 100
-    # is longer than a tile. 1 and 3 threads, against the float64 reference.
+    # is longer than a tile, and k = 300 more than the final ranking compares
+    # pair by pair (256; it sorts). 1 and 3 threads, against the float64
+    # reference.
     h = 0.3
     X = make_clusters(730, 3, h, dtype=dtype, seed=11)
     for block_size in (None, 32):
-        for k in (1, 7, 100):
+        for k in (1, 7, 100, 300):
             for num_threads in (1, 3):
                 top = mapa.log_posterior_topk(X, bandwidth=h, k=k, exclude_self=exclude_self, block_size=block_size,
                                               num_threads=num_threads, backend=backend)

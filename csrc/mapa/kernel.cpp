@@ -801,7 +801,7 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
         RowBlock block;
         RowSelect::Scratch scratch;
         std::vector<std::int32_t> pos;
-        std::vector<double> groups, spare;
+        std::vector<double> copy, spare;  // a row's logits, for its seed
         std::vector<std::uint32_t> masks;
     };
     const double* thr = sel.thresholds();
@@ -819,8 +819,6 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
         }
         const index_t end = ta * p.tb + p.len(ta);
         const std::int32_t* cols = refs.data() + tb * p.tb;
-        index_t group = 4;
-        while (group > 0 && len / group < 2 * k) group /= 2;
         // thresholds only rise: the lowest of tb's now stays a lower bound
         const double col_floor = *std::min_element(thr + tb * p.tb, thr + tb * p.tb + len);
         for (index_t r0 = ta * p.tb; r0 < end; r0 += kRows) {
@@ -834,15 +832,13 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
                 const double* vr = v + r * ld;
                 top = std::max(top, w.block.tmax[r]);
                 if (w.block.tmax[r] < thr[r0 + r]) continue;
-                if (diag && group > 0) {
-                    // The row's first pair, its own tile's
-                    // (over_tile_rounds runs the diagonal first): the k-th
-                    // largest of the maxima of its groups of `group`
-                    // columns (at least 2k groups) bounds the k-th best
-                    // entry from below (k distinct entries reach it), so
-                    // only a few times k entries are offered.
-                    const index_t ng = group_max(vr, len, group, w.groups.data());
-                    sel.seed(r0 + r, kth_largest(w.groups.data(), w.spare.data(), static_cast<std::size_t>(ng),
+                if (diag && len >= k) {
+                    // The row's first pair, its own tile's (over_tile_rounds
+                    // runs the diagonal first): the k-th largest of its
+                    // logits here bounds its k-th best from below, so only
+                    // the k best of them (and ties) are offered.
+                    std::copy(vr, vr + len, w.copy.begin());
+                    sel.seed(r0 + r, kth_largest(w.copy.data(), w.spare.data(), static_cast<std::size_t>(len),
                                                  static_cast<std::size_t>(k - 1)));
                 }
                 const index_t found = positions_at_least(vr, len, thr[r0 + r], w.pos.data());

@@ -1,8 +1,10 @@
 #include "tiles.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "exp.hpp"
 
@@ -354,27 +356,6 @@ index_t columns_at_least(const double* v, index_t ld, index_t rows, index_t len,
     return c;
 }
 
-template <int G>
-[[gnu::always_inline]] static inline index_t group_max_impl(const double* v, index_t len, double* out) {
-    const index_t groups = len / G;
-#pragma omp simd
-    for (index_t g = 0; g < groups; ++g) {
-        double m = v[G * g];
-        for (int i = 1; i < G; ++i) m = v[G * g + i] > m ? v[G * g + i] : m;
-        out[g] = m;
-    }
-    return groups;
-}
-
-MAPA_CLONES
-index_t group_max(const double* v, index_t len, index_t size, double* out) {
-    switch (size) {
-        case 1: return group_max_impl<1>(v, len, out);
-        case 2: return group_max_impl<2>(v, len, out);
-        default: return group_max_impl<4>(v, len, out);
-    }
-}
-
 // Lane b of the result is op over the 8 lanes of m[b]: a butterfly of three
 // shuffle-and-op levels, 7 + 7 operations for 8 horizontal reductions.
 template <class Op>
@@ -424,19 +405,48 @@ index_t block_max16(const double* v, index_t len, double* out) {
     return full + 1;
 }
 
+// Up to this many entries rank_order compares all pairs; beyond it, sorts.
+constexpr index_t kRankAllPairs = 256;
+
 MAPA_CLONES
 void rank_order(const double* val, const std::int64_t* idx, index_t n, std::int64_t* rank) {
     // Entry j is better than entry i when its value is larger, or equal with a
-    // smaller index; the rank of i counts the better entries. Branch-free and
-    // vectorised: n^2 compares cost less than the mispredictions of a sort at
-    // the sizes used (n = k).
+    // smaller index; the rank of i counts the better entries.
+    const auto better = [&](index_t j, index_t i) {
+        return val[j] > val[i] || (val[j] == val[i] && idx[j] < idx[i]);
+    };
+    if (n > kRankAllPairs) {
+        std::vector<std::int64_t> order(static_cast<std::size_t>(n));
+        for (index_t i = 0; i < n; ++i) order[static_cast<std::size_t>(i)] = i;
+        std::sort(order.begin(), order.end(), better);
+        for (index_t r = 0; r < n; ++r) rank[order[static_cast<std::size_t>(r)]] = r;
+        return;
+    }
+    // Up to kRankAllPairs entries: n^2 compares, branch-free, on float keys
+    // 16 to a vector (less than the mispredictions of a sort). Rounding to
+    // float keeps order (v_j > v_i gives key_j >= key_i), so only entries
+    // whose keys are equal need the exact comparison; NaN pads compare false.
+    typedef std::int32_t v16i __attribute__((vector_size(64)));
+    constexpr index_t lanes = 16;
+    v16f key[kRankAllPairs / lanes];
+    const index_t blocks = (n + lanes - 1) / lanes;
+    for (index_t j = 0; j < blocks * lanes; ++j)
+        key[j / lanes][j % lanes] = j < n ? static_cast<float>(val[j]) : std::numeric_limits<float>::quiet_NaN();
     for (index_t i = 0; i < n; ++i) {
-        const double vi = val[i];
-        const std::int64_t ii = idx[i];
-        std::int64_t r = 0;
-#pragma omp simd reduction(+ : r)
-        for (index_t j = 0; j < n; ++j) r += (val[j] > vi) | ((val[j] == vi) & (idx[j] < ii));
-        rank[i] = r;
+        const float ki = key[i / lanes][i % lanes];
+        v16i above = {}, same = {};
+        for (index_t b = 0; b < blocks; ++b) {
+            above -= key[b] > ki;  // true is -1
+            same -= key[b] == ki;
+        }
+        std::int32_t a = 0, e = 0;
+        for (index_t l = 0; l < lanes; ++l) {
+            a += above[l];
+            e += same[l];
+        }
+        if (e > 1)
+            for (index_t j = 0; j < n; ++j) a += key[j / lanes][j % lanes] == ki && better(j, i);
+        rank[i] = a;
     }
 }
 

@@ -67,10 +67,6 @@ index_t positions_at_least(const double* v, index_t len, double thr, std::int32_
 index_t columns_at_least(const double* v, index_t ld, index_t rows, index_t len, const double* thr,
                          std::int32_t* cols, std::uint32_t* masks);
 
-// out[g] = max of v[size g .. size g + size) for the len / size whole
-// groups, size one of 1, 2, 4; returns their count.
-index_t group_max(const double* v, index_t len, index_t size, double* out);
-
 // out[b] = max of v[16 b .. 16 b + 16) clipped to len; returns the block count.
 index_t block_max16(const double* v, index_t len, double* out);
 
