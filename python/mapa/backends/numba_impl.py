@@ -7,8 +7,9 @@ distances of a query to a tile of references form a contiguous loop over the
 references (explicit differences, no ||x||^2 + ||y||^2 - 2 x.y expansion).
 Queries go in pairs, sharing each load of ``XT``.
 
-Work is split as blocks of query rows x tiles of references (``block_size``
-references per tile). Each query row keeps its smallest squared distance so
+The one-sided passes (separate queries, the dense matrix, the fallbacks
+below) split the work as blocks of query rows x tiles of references
+(``block_size`` references per tile). Each query row keeps its smallest squared distance so
 far, ``dmin``, and ``s = sum_j exp(-scale (d_j - dmin))``, rescaled when
 ``dmin`` drops; then ``log_norm = -scale dmin + log s`` and
 ``log q = scale (dmin - d) - log s``, formed without cancellation however
@@ -29,19 +30,48 @@ Top-k keeps a bounded max-heap per row on (distance, index), so ties in
 distance go to the lower index; the reference sorts by log-probability, which
 can differ only where two distinct distances round to the same float64 logit.
 
-When the queries are the references (``log_normalizer`` without queries,
-and the first pass of ``targets``), the normalisers come from a symmetric
-pass instead: each unordered pair of tiles once, every term added to its
-row's and its column's sum, with no running minimum (every logit is <= 0,
-the self term is 0); per-slot sums in a fixed unit order keep the result
-reproducible.
+When the queries are the references (``Y is X``), the normaliser, top-k and
+targets take each unordered pair of points once: tile pair (ta, tb), ta <= tb,
+computes d(i, n) for the rows i of ta against the columns n of tb and serves
+both orders, i's row with column n and, off the diagonal, n's row with
+column i. The pairs go in rounds (round-robin tournament, circle method):
+first the diagonal (ta, ta) of every tile, then P - 1 rounds of P / 2 pairs
+that share no tile (P = tiles rounded up to even; a pair with the padding
+tile is a bye). A round is one ``prange`` over its pairs, one pair per
+thread at a time, and rounds run one after the other, so no row is written
+by two threads at once and every row's sums take their terms in one fixed
+order: shared sums, reproducible bit for bit for any ``num_threads`` (the
+tiles depend on N, D and Numba's thread pool size, not on ``num_threads``;
+at least 4 tiles per pool thread, so small problems parallelise).
 
-Parallelism: ``prange`` over blocks of query rows (``targets``: blocks of
-references, so each thread owns its output rows; the symmetric pass: one
-slot of tile pairs per thread). Large problems are cut into
-chunks of rows of bounded work (about 0.1 s each), between which ``progress``
-is called and Ctrl-C is seen. Compiled signatures: the row kernel for a float64 and a float32 dense
-output, and the targets kernel (all cached on disk).
+- Normaliser (``log_normalizer``, and the first pass of ``targets`` and
+  top-k): sums of exp(-scale d), each term added to its row and its column,
+  no running minimum (every logit is <= 0, the self term is 0). With
+  exclude_self, a row sum near exp's floor (an isolated point) makes the
+  whole normaliser be redone row by row, with the streaming minimum.
+- ``targets``: e = exp(-scale d) once per pair; with V[:, n] = u_n / Z_n,
+  u_n = (1, x_n, ||x_n||^2), row i gathers e V[:, n] and column n receives
+  e V[:, i], all in one (D + 2, N) accumulator. e <= 1, and where
+  log Z_n >= -400 any term lost to exp's floor is below exp(-308); rows with
+  a smaller normaliser (only with exclude_self) are left out of the
+  symmetric pass and added one-sided, with q(i|n) = exp(log q) directly.
+- top-k: the points are first sorted along a Z-order curve over their two
+  widest features, so that a tile holds nearby points. Every row's heap is
+  live at once ((N, k) distances and indices, while N k 16 bytes stay
+  under 1 GiB; otherwise, and for separate queries, the one-sided pass), with
+  its root mirrored in a threshold array. A row's first pair is its own
+  tile: a quickselect finds the tile's k-th smallest distance and the heap
+  is built from the entries up to it. Later pairs offer only entries at or
+  below a row's threshold, found by vectorised tests over runs of 16 (and
+  by the tile minimum, for the row direction). The kept set does not depend
+  on the order of the offers.
+
+Parallelism: ``prange`` over blocks of query rows for the one-sided passes,
+over the pairs of a round for the symmetric ones. Large problems are cut
+into calls of bounded work (about 0.1 s each: chunks of rows, or runs of
+rounds or of a round's pairs), between which ``progress`` is called and
+Ctrl-C is seen. Compiled signatures: the row kernel for a float64 and a
+float32 dense output, the other kernels once (all cached on disk).
 """
 
 from __future__ import annotations
@@ -78,6 +108,7 @@ _INF_BITS = 0x7FF0000000000000  # bit pattern of +inf as int64
 
 _QUERY_BLOCK = 32  # query rows per parallel task (upper bound)
 _CHUNK_WORK = 1 << 29  # pairs * (8 + D) per chunk: ~0.1 s, so Ctrl-C is seen quickly
+_TOPK_TILE = 256  # longest default tile of the symmetric top-k
 
 
 # --------------------------------------------------------------------------
@@ -271,6 +302,25 @@ def _sift_down(hd, hi, pos, size):
 
 
 @njit(cache=True, nogil=True)
+def _replace_root(top_d, top_i, n, key, idx, size):
+    """_sift_down of (key, idx) from the root of row n's heap in top_d/top_i (no views)."""
+    pos = 0
+    while True:
+        c = 2 * pos + 1
+        if c >= size:
+            break
+        if c + 1 < size and _worse(top_d[n, c + 1], top_i[n, c + 1], top_d[n, c], top_i[n, c]):
+            c += 1
+        if not _worse(top_d[n, c], top_i[n, c], key, idx):
+            break
+        top_d[n, pos] = top_d[n, c]
+        top_i[n, pos] = top_i[n, c]
+        pos = c
+    top_d[n, pos] = key
+    top_i[n, pos] = idx
+
+
+@njit(cache=True, nogil=True)
 def _heap_scan(d2, nb, j0, self_col, hd, hi):
     """Offer the tile's entries to the bounded heap hd/hi (root = current k-th best).
 
@@ -294,6 +344,132 @@ def _heap_scan(d2, nb, j0, self_col, hd, hi):
 
 
 @njit(cache=True, nogil=True)
+def _any_le(d2, j0, t):
+    """Whether any of d2[j0 : j0 + 16] is <= t (branch-free, vectorised)."""
+    blk = d2[j0 : j0 + 16]
+    hit = False
+    for j in range(16):
+        hit |= blk[j] <= t
+    return hit
+
+
+@njit(cache=True, nogil=True)
+def _any_le_each(d2, j0, thr, c0):
+    """Whether any d2[j0 + j] <= thr[c0 + j] for j < 16 (branch-free, vectorised)."""
+    blk = d2[j0 : j0 + 16]
+    tb = thr[c0 : c0 + 16]
+    hit = False
+    for j in range(16):
+        hit |= blk[j] <= tb[j]
+    return hit
+
+
+@njit(cache=True, nogil=True)
+def _heap_scan_ids(d2, nb, j0, self_pos, ids, hd, hi):
+    """_heap_scan for columns at positions j0 + j holding the points ids[j0 + j].
+
+    Ties in distance go to the lower index ids[.]; the column at position
+    ``self_pos`` is left out. Runs of 16 entries none of which reaches the
+    k-th best are passed over by a vectorised test.
+    """
+    k = hd.shape[0]
+    cols = ids[j0 : j0 + nb]
+    td = hd[0]
+    ti = hi[0]
+    for b0 in range(0, nb, 16):
+        b1 = min(nb, b0 + 16)
+        if b1 - b0 == 16 and not _any_le(d2, b0, td):
+            continue
+        for j in range(b0, b1):
+            d = d2[j]
+            if d <= td:
+                col = cols[j]
+                if (d < td or col < ti) and j0 + j != self_pos:
+                    hd[0] = d
+                    hi[0] = col
+                    _sift_down(hd, hi, 0, k)
+                    td = hd[0]
+                    ti = hi[0]
+
+
+@njit(cache=True, nogil=True)
+def _kth_smallest(a, b, n, k):
+    """The value at position k (0-based) of a[:n] in ascending order (k < n, no NaN).
+
+    a and b (room for n) are overwritten. Quickselect whose partitions copy
+    between the two buffers without branches (a comparison's outcome only
+    moves a write position).
+    """
+    while True:
+        x = a[0]
+        y = a[n // 2]
+        z = a[n - 1]
+        p = max(min(x, y), min(max(x, y), z))  # median of three
+        lo = 0  # b[:lo] < p, b[hi:n] >= p
+        hi = n
+        for j in range(n):
+            v = a[j]
+            below = v < p
+            b[lo] = v
+            b[hi - 1] = v
+            lo += below
+            hi -= not below
+        if k < lo:
+            a, b = b, a
+            n = lo
+            continue
+        m = 0  # a[:m] > p
+        e = 0  # how many == p (p itself is among b[lo:n])
+        for j in range(lo, n):
+            v = b[j]
+            a[m] = v
+            m += v > p
+            e += v == p
+        if k < lo + e:
+            return p
+        k -= lo + e
+        n = m
+
+
+@njit(cache=True, nogil=True)
+def _heap_build(d2, nb, j0, self_pos, ids, scratch, hd, hi):
+    """Start an empty selection from one tile (nb > k): its k best entries as a heap.
+
+    With v the tile's k-th smallest distance, the entries below v enter
+    directly and the heap is built bottom-up; the entries equal to v (at
+    least one) are then offered one by one, so ties go to the lower index.
+    Much cheaper than k ln(nb / k) single insertions.
+    """
+    k = hd.shape[0]
+    a = scratch[0]
+    a[:nb] = d2[:nb]
+    if 0 <= self_pos - j0 < nb:
+        a[self_pos - j0] = np.inf
+    v = _kth_smallest(a, scratch[1], nb, k - 1)
+    cols = ids[j0 : j0 + nb]
+    m = 0
+    for j in range(nb):
+        d = d2[j]
+        if d < v and j0 + j != self_pos:
+            hd[m] = d
+            hi[m] = cols[j]
+            m += 1
+    for t in range(m, k):
+        hd[t] = np.inf
+        hi[t] = ids.shape[0]  # sentinel: ranks after every real column
+    for pos in range(k // 2 - 1, -1, -1):
+        _sift_down(hd, hi, pos, k)
+    for j in range(nb):
+        d = d2[j]
+        if d == v and j0 + j != self_pos:
+            col = cols[j]
+            if d < hd[0] or col < hi[0]:
+                hd[0] = d
+                hi[0] = col
+                _sift_down(hd, hi, 0, k)
+
+
+@njit(cache=True, nogil=True)
 def _heap_sort(hd, hi):
     """Heap (root = worst) -> sorted best first, in place."""
     for end in range(hd.shape[0] - 1, 0, -1):
@@ -305,56 +481,186 @@ def _heap_sort(hd, hi):
         hi[end] = ti
         _sift_down(hd, hi, 0, end)
 
+@njit(cache=True, nogil=True)
+def _min_dist(d2i, nb, bits, bitsf):
+    """Smallest of the distances d2i[:nb] (given as their int64 bit patterns), as a float."""
+    bits[0] = _min_bits(d2i, nb)
+    return bitsf[0]
+
 
 @njit(cache=True, nogil=True, fastmath=_FM)
-def _neg_log_q(d2, nb, scale, dmin, logs, j0):
-    """d2[j] <- -log q = scale * (d2[j] - dmin[n]) + logs[n], n = j0 + j (>= 0)."""
-    dm = dmin[j0 : j0 + nb]
-    ls = logs[j0 : j0 + nb]
+def _neg_log_q_row(d2, nb, scale, dm, ls, out):
+    """out[j] = -log q(n | i) = scale * (d2[j] - dm) + ls, with row i's normaliser (dm, ls)."""
     for j in range(nb):
-        d2[j] = scale * (d2[j] - dm[j]) + ls[j]
+        out[j] = scale * (d2[j] - dm) + ls
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _mul_terms(p, f, nb):
+    """p[j] <- p[j] * f[j]: the exponentials of _exp_terms as plain values."""
+    for j in range(nb):
+        p[j] *= f[j]
 
 
 @njit(cache=True, nogil=True, fastmath=_FM_SUM)
-def _accumulate(p, f, nb, j0, sq, XT, i, W, S1, S2):
-    """Targets of reference i from the tile's q(i|n) = p*f: W, S1, S2 += ..."""
-    w = 0.0
-    s2 = 0.0
-    sqt = sq[j0 : j0 + nb]
-    for j in range(nb):
-        e = p[j] * f[j]
-        p[j] = e
-        w += e
-        s2 += e * sqt[j]
-    W[i] += w
-    S2[i] += s2
-    D = XT.shape[0]
-    rem = D % 4
-    for d in range(rem):
-        row = XT[d, j0 : j0 + nb]
-        acc = 0.0
+def _gather_sums(e, nb, UT, j0, i, nh, acc):
+    """acc[c, i + h] += sum_j e[h, j] UT[c, j0 + j] for h < nh (nh = 1 or 2), every row c of UT.
+
+    The row direction of the targets: rows i, i + 1 take the weights
+    u_n = UT[:, n] of the tile's columns. Both rows share each load of UT,
+    whose rows go four per pass over e.
+    """
+    ea = e[0]
+    eb = e[1]
+    C = UT.shape[0]
+    rem = C % 4
+    for c in range(rem):
+        row = UT[c, j0 : j0 + nb]
+        sa = 0.0
+        sb = 0.0
         for j in range(nb):
-            acc += p[j] * row[j]
-        S1[i, d] += acc
-    for d in range(rem, D, 4):  # four dimensions per pass over p
-        r0 = XT[d, j0 : j0 + nb]
-        r1 = XT[d + 1, j0 : j0 + nb]
-        r2 = XT[d + 2, j0 : j0 + nb]
-        r3 = XT[d + 3, j0 : j0 + nb]
+            x = row[j]
+            sa += ea[j] * x
+            sb += eb[j] * x
+        acc[c, i] += sa
+        if nh == 2:
+            acc[c, i + 1] += sb
+    for c in range(rem, C, 4):
+        r0 = UT[c, j0 : j0 + nb]
+        r1 = UT[c + 1, j0 : j0 + nb]
+        r2 = UT[c + 2, j0 : j0 + nb]
+        r3 = UT[c + 3, j0 : j0 + nb]
         a0 = 0.0
         a1 = 0.0
         a2 = 0.0
         a3 = 0.0
+        b0 = 0.0
+        b1 = 0.0
+        b2 = 0.0
+        b3 = 0.0
         for j in range(nb):
-            e = p[j]
-            a0 += e * r0[j]
-            a1 += e * r1[j]
-            a2 += e * r2[j]
-            a3 += e * r3[j]
-        S1[i, d] += a0
-        S1[i, d + 1] += a1
-        S1[i, d + 2] += a2
-        S1[i, d + 3] += a3
+            x = ea[j]
+            y = eb[j]
+            a0 += x * r0[j]
+            a1 += x * r1[j]
+            a2 += x * r2[j]
+            a3 += x * r3[j]
+            b0 += y * r0[j]
+            b1 += y * r1[j]
+            b2 += y * r2[j]
+            b3 += y * r3[j]
+        acc[c, i] += a0
+        acc[c + 1, i] += a1
+        acc[c + 2, i] += a2
+        acc[c + 3, i] += a3
+        if nh == 2:
+            acc[c, i + 1] += b0
+            acc[c + 1, i + 1] += b1
+            acc[c + 2, i + 1] += b2
+            acc[c + 3, i + 1] += b3
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _scatter_sums(e, nb, UT, ia, ib, acc, j0):
+    """acc[c, j0 + j] += e[0, j] UT[c, ia] + e[1, j] UT[c, ib], every row c of UT.
+
+    The column direction of the targets: each column n = j0 + j takes the
+    weights u of rows ia and ib (a row with nothing to add has e = 0).
+    Rows of acc go four per pass over e.
+    """
+    ea = e[0]
+    eb = e[1]
+    C = UT.shape[0]
+    rem = C % 4
+    for c in range(rem):
+        a = acc[c, j0 : j0 + nb]
+        ua = UT[c, ia]
+        ub = UT[c, ib]
+        for j in range(nb):
+            a[j] += ea[j] * ua + eb[j] * ub
+    for c in range(rem, C, 4):
+        a0 = acc[c, j0 : j0 + nb]
+        a1 = acc[c + 1, j0 : j0 + nb]
+        a2 = acc[c + 2, j0 : j0 + nb]
+        a3 = acc[c + 3, j0 : j0 + nb]
+        ua0 = UT[c, ia]
+        ua1 = UT[c + 1, ia]
+        ua2 = UT[c + 2, ia]
+        ua3 = UT[c + 3, ia]
+        ub0 = UT[c, ib]
+        ub1 = UT[c + 1, ib]
+        ub2 = UT[c + 2, ib]
+        ub3 = UT[c + 3, ib]
+        for j in range(nb):
+            x = ea[j]
+            y = eb[j]
+            a0[j] += x * ua0 + y * ub0
+            a1[j] += x * ua1 + y * ub1
+            a2[j] += x * ua2 + y * ub2
+            a3[j] += x * ua3 + y * ub3
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _add_terms(p, f, nb, acc, j0):
+    """acc[j0 + j] += p[j] * f[j]: the column sums of the symmetric normaliser."""
+    a = acc[j0 : j0 + nb]
+    for j in range(nb):
+        a[j] += p[j] * f[j]
+
+
+@njit(cache=True, nogil=True)
+def _count_le(d2, nb, thr, j0):
+    """How many j < nb have d2[j] <= thr[j0 + j] (vectorised; no early exit)."""
+    t = thr[j0 : j0 + nb]
+    c = 0
+    for j in range(nb):
+        if d2[j] <= t[j]:
+            c += 1
+    return c
+
+
+@njit(cache=True, nogil=True)
+def _offer_cols(d2, nb, j0, i, thr, top_d, top_i):
+    """Offer (d2[j], column i) to the selection of each row n = j0 + j.
+
+    thr[n] mirrors the root of row n's heap (its k-th best distance); the
+    entry enters where it ranks before that root: a smaller distance, or an
+    equal one and a smaller index. Runs of 16 rows none of which it reaches
+    are passed over by a vectorised test.
+    """
+    k = top_d.shape[1]
+    t = thr[j0 : j0 + nb]
+    for b0 in range(0, nb, 16):
+        b1 = min(nb, b0 + 16)
+        if b1 - b0 == 16 and not _any_le_each(d2, b0, t, b0):
+            continue
+        for j in range(b0, b1):
+            d = d2[j]
+            if d <= t[j]:
+                n = j0 + j
+                if d < top_d[n, 0] or i < top_i[n, 0]:
+                    _replace_root(top_d, top_i, n, d, i, k)
+                    t[j] = top_d[n, 0]
+
+
+@njit(cache=True, nogil=True)
+def _round_pair(nt, r, s):
+    """Tile pair (ta, tb), ta <= tb, in slot s of round r of nt tiles; (-1, -1) for a bye.
+
+    Round 0 is the diagonal, (s, s) for s < nt. Rounds 1 .. P - 1 (P = nt
+    rounded up to even) are the circle method of round-robin tournaments:
+    tile P - 1 stays put while the others turn, P / 2 slots per round, no
+    tile twice in a round; a slot with tile P - 1 = nt (odd nt) is a bye.
+    """
+    if r == 0:
+        return s, s
+    P = nt + nt % 2
+    rr = r - 1
+    u = P - 1 if s == 0 else (rr + s) % (P - 1)
+    v = (rr - s + P - 1) % (P - 1)
+    if u >= nt or v >= nt:
+        return -1, -1
+    return min(u, v), max(u, v)
 
 
 # --------------------------------------------------------------------------
@@ -445,88 +751,211 @@ def _rows_kernel(XT, Y, scale, excl, row0, tile, qb, mode, dmin_out, logs_out, d
                 for t in range(hd.shape[0]):
                     hd[t] = scale * (dm[qq] - hd[t]) - logs_out[r]
 
-
 @njit(parallel=True, cache=True, nogil=True)
-def _targets_kernel(XT, X, dmin, logs, dmin_tile_max, sq, scale, excl, i_start, i_stop, tile, qb, W, S1, S2):
-    """W, S1, S2 for references i in [i_start, i_stop), summing over all queries n.
+def _sums_rounds(XT, X, scale, excl, tile, nt, r0, r1, s0, s1, sums):
+    """Row sums of exp(-scale d(i, j)) over rounds r0 <= r < r1 (slots s0 <= s < s1).
 
-    q(i|n) = exp(scale (dmin[n] - d(n,i)) - logs[n]) from the first pass.
-    ``dmin_tile_max[t]`` is the largest dmin in column tile t, so
-    scale (dmin_tile_max - min_n d(n,i)) bounds log q over the tile; tiles
-    where it is below -708 (every term 0) are skipped.
+    The queries are the references: tile pair (ta, tb) takes the rows of ta
+    against the columns of tb and adds each term to its row's sum and, off
+    the diagonal, to its column's, so every unordered pair is computed once.
+    Every logit is <= 0, so no running minimum is needed. The slots of a
+    round share no tile and rounds run one after the other, so each row's
+    sum takes its terms in one fixed order, whatever the thread count.
     """
     N = XT.shape[1]
-    nref = i_stop - i_start
-    nblk = (nref + qb - 1) // qb
-    for b in prange(nblk):
-        i0 = i_start + b * qb
-        i1 = min(i_stop, i0 + qb)
-        dbuf = np.empty((2, tile), dtype=np.float64)
-        ibuf = dbuf.view(np.int64)
-        p = np.empty(tile, dtype=np.float64)
-        ik = np.empty(tile, dtype=np.int64)
-        f = ik.view(np.float64)
-        bits = np.empty(1, dtype=np.int64)
-        bitsf = bits.view(np.float64)
-        for j0 in range(0, N, tile):
-            nb = min(tile, N - j0)
-            for ip in range(i0, i1, 2):
-                _ref_pair_dists(XT, X, ip, i1, j0, nb, excl, dbuf)
-                for h in range(min(2, i1 - ip)):
-                    i = ip + h
-                    d2 = dbuf[h]
-                    bits[0] = _min_bits(ibuf[h], nb)
-                    if scale * (dmin_tile_max[j0 // tile] - bitsf[0]) < _EXP_MIN:
-                        continue
-                    _neg_log_q(d2, nb, scale, dmin, logs, j0)
-                    _exp_terms(d2, nb, 1.0, 0.0, p, ik)
-                    _accumulate(p, f, nb, j0, sq, XT, i, W, S1, S2)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _self_sums_kernel(XT, X, scale, excl, tile, ua, ub, u0, u1, sums):
-    """Row sums of exp(-scale d(i, j)) over the tile pairs (ua[u], ub[u]), u0 <= u < u1.
-
-    The queries are the references: unit u takes the rows of tile ua[u]
-    against the columns of tile ub[u] >= ua[u], and adds each term to its
-    row's sum and, off the diagonal, to its column's, so every unordered
-    pair is computed once. Every logit is <= 0, so no running minimum is
-    needed. Slot s of ``sums`` (slots, N) takes the units with u % slots == s,
-    in order, whatever thread runs it: the result is reproducible.
-    """
-    N = XT.shape[1]
-    slots = sums.shape[0]
-    for s in prange(slots):
-        dbuf = np.empty((2, tile), dtype=np.float64)
-        p = np.empty(tile, dtype=np.float64)
-        ik = np.empty(tile, dtype=np.int64)
-        f = ik.view(np.float64)
-        acc = sums[s]
-        u = u0 + (s - u0) % slots
-        while u < u1:
-            ta = ua[u]
-            tb = ub[u]
-            u += slots
+    P = nt + nt % 2
+    for r in range(r0, r1):
+        s_end = min(s1, nt if r == 0 else P // 2)
+        for s in prange(s0, s_end):
+            ta, tb = _round_pair(nt, r, s)
+            if ta < 0:
+                continue
+            diag = ta == tb
             i0 = ta * tile
             i1 = min(N, i0 + tile)
             j0 = tb * tile
             nb = min(tile, N - j0)
+            dbuf = np.empty((2, tile), dtype=np.float64)
+            ibuf = dbuf.view(np.int64)
+            p = np.empty(tile, dtype=np.float64)
+            ik = np.empty(tile, dtype=np.int64)
+            f = ik.view(np.float64)
+            bits = np.empty(1, dtype=np.int64)
+            bitsf = bits.view(np.float64)
             for ip in range(i0, i1, 2):
-                _ref_pair_dists(XT, X, ip, i1, j0, nb, excl, dbuf)
+                _ref_pair_dists(XT, X, ip, i1, j0, nb, excl and diag, dbuf)
+                for h in range(min(2, i1 - ip)):
+                    d2 = dbuf[h]
+                    if scale * (0.0 - _min_dist(ibuf[h], nb, bits, bitsf)) < _EXP_MIN:
+                        continue  # every term is exp(< -708) = 0
+                    _exp_terms(d2, nb, scale, 0.0, p, ik)
+                    sums[ip + h] += _sum_terms(p, f, nb)
+                    if not diag:
+                        _add_terms(p, f, nb, sums, j0)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _topk_rounds(XT, X, ids, scale, excl, tile, nt, r0, r1, s0, s1, sums, thr, top_d, top_i):
+    """Symmetric top-k: the sums of _sums_rounds and every row's selection at once.
+
+    The points are in a locality order: position p holds point ids[p].
+    Row p's selection is a bounded max-heap top_d[p], top_i[p] on
+    (distance, point index) whose root, mirrored in thr[p], is its k-th
+    best so far. Tile pair (ta, tb) computes d(i, n) once for i in ta, n
+    in tb and offers it to row i (as point ids[n]) and, off the diagonal,
+    to row n (as point ids[i]); only entries at or below the row's
+    threshold are looked at, and a row whose tile minimum is above it is
+    skipped. A row's first pair is its own tile (the diagonal round runs
+    first), which builds its heap at once (_heap_build). A row's heap is
+    touched by one thread at a time (the slots of a round share no tile),
+    and the kept set does not depend on the order of the offers.
+    """
+    N = XT.shape[1]
+    k = top_d.shape[1]
+    P = nt + nt % 2
+    for r in range(r0, r1):
+        s_end = min(s1, nt if r == 0 else P // 2)
+        for s in prange(s0, s_end):
+            ta, tb = _round_pair(nt, r, s)
+            if ta < 0:
+                continue
+            diag = ta == tb
+            i0 = ta * tile
+            i1 = min(N, i0 + tile)
+            j0 = tb * tile
+            nb = min(tile, N - j0)
+            dbuf = np.empty((2, tile), dtype=np.float64)
+            ibuf = dbuf.view(np.int64)
+            p = np.empty(tile, dtype=np.float64)
+            ik = np.empty(tile, dtype=np.int64)
+            f = ik.view(np.float64)
+            bits = np.empty(1, dtype=np.int64)
+            bitsf = bits.view(np.float64)
+            scratch = np.empty((2, tile), dtype=np.float64)
+            for ip in range(i0, i1, 2):
+                _ref_pair_dists(XT, X, ip, i1, j0, nb, excl and diag, dbuf)
                 for h in range(min(2, i1 - ip)):
                     i = ip + h
                     d2 = dbuf[h]
-                    _exp_terms(d2, nb, scale, 0.0, p, ik)
-                    acc[i] += _sum_terms(p, f, nb)
-                    if ta != tb:
-                        _add_terms(p, f, nb, acc, j0)
+                    dt = _min_dist(ibuf[h], nb, bits, bitsf)
+                    if scale * (0.0 - dt) >= _EXP_MIN:  # else every term is exp(< -708) = 0
+                        _exp_terms(d2, nb, scale, 0.0, p, ik)
+                        sums[i] += _sum_terms(p, f, nb)
+                        if not diag:
+                            _add_terms(p, f, nb, sums, j0)
+                    if diag and nb > k:
+                        # the row's first pair (the diagonal runs first)
+                        _heap_build(d2, nb, j0, i if excl else -1, ids, scratch, top_d[i], top_i[i])
+                        thr[i] = top_d[i, 0]
+                    elif dt <= thr[i]:
+                        _heap_scan_ids(d2, nb, j0, i if excl else -1, ids, top_d[i], top_i[i])
+                        thr[i] = top_d[i, 0]
+                    if not diag and _count_le(d2, nb, thr, j0) > 0:
+                        _offer_cols(d2, nb, j0, ids[i], thr, top_d, top_i)
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
-def _add_terms(p, f, nb, acc, j0):
-    a = acc[j0 : j0 + nb]
-    for j in range(nb):
-        a[j] += p[j] * f[j]
+@njit(parallel=True, cache=True, nogil=True)
+def _finish_topk(scale, dmin, logs, ids, top_d, top_i, logp, idx):
+    """Row p's heap sorted best first, as log q, into row ids[p] of logp and idx."""
+    for r in prange(top_d.shape[0]):
+        hd = top_d[r]
+        hi = top_i[r]
+        _heap_sort(hd, hi)
+        g = ids[r]
+        for t in range(hd.shape[0]):
+            logp[g, t] = scale * (dmin[r] - hd[t]) - logs[r]
+            idx[g, t] = hi[t]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _targets_rounds(XT, X, V, neg_a_max, scale, excl, tile, nt, r0, r1, s0, s1, acc):
+    """Targets over rounds r0 <= r < r1 (slots s0 <= s < s1), each unordered pair once.
+
+    acc (C, N) gathers, per reference i, sum_n q(i|n) u_n with
+    q(i|n) = e_in / Z_n, e_in = exp(-scale d(i, n)), and V[:, n] = u_n / Z_n
+    (zero for the rows left to _targets_rest). Tile pair (ta, tb) computes
+    d(i, n) and e_in once for i in ta, n in tb: i takes e_in V[:, n] (the
+    row direction) and, off the diagonal, n takes e_in V[:, i] (the column
+    direction). e_in <= 1 always (its exponent is <= 0). ``neg_a_max[t]``,
+    the largest -log Z over tile t's rows, bounds log q: a row whose terms
+    are all below exp(-708) in both directions skips the exponentials. Rows
+    of acc are written in a fixed order (see _sums_rounds): the sums do not
+    depend on the thread count.
+    """
+    N = XT.shape[1]
+    P = nt + nt % 2
+    for r in range(r0, r1):
+        s_end = min(s1, nt if r == 0 else P // 2)
+        for s in prange(s0, s_end):
+            ta, tb = _round_pair(nt, r, s)
+            if ta < 0:
+                continue
+            diag = ta == tb
+            i0 = ta * tile
+            i1 = min(N, i0 + tile)
+            j0 = tb * tile
+            nb = min(tile, N - j0)
+            bound = max(neg_a_max[ta], neg_a_max[tb])
+            dbuf = np.empty((2, tile), dtype=np.float64)
+            ibuf = dbuf.view(np.int64)
+            e = np.empty((2, tile), dtype=np.float64)
+            ik = np.empty(tile, dtype=np.int64)
+            f = ik.view(np.float64)
+            bits = np.empty(1, dtype=np.int64)
+            bitsf = bits.view(np.float64)
+            for ip in range(i0, i1, 2):
+                nh = min(2, i1 - ip)
+                _ref_pair_dists(XT, X, ip, i1, j0, nb, excl and diag, dbuf)
+                on = False
+                for h in range(2):
+                    if h < nh:
+                        x = -scale * _min_dist(ibuf[h], nb, bits, bitsf)
+                        if x >= _EXP_MIN and x + bound >= _EXP_MIN:
+                            _exp_terms(dbuf[h], nb, scale, 0.0, e[h], ik)
+                            _mul_terms(e[h], f, nb)
+                            on = True
+                            continue
+                    e[h, :nb] = 0.0
+                if on:
+                    _gather_sums(e, nb, V, j0, ip, nh, acc)
+                    if not diag:
+                        _scatter_sums(e, nb, V, ip, ip + nh - 1, acc, j0)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _targets_rest(XT, X, UT, rest, dmin, logs, scale, excl, tile, acc):
+    """The terms q(i|n) u_n of the rows n in ``rest``, for every reference i, one-sided.
+
+    For rows whose normaliser is too small (log Z_n < -_LOGZ_MARGIN) for
+    e_in / Z_n to keep every term above exp(-708): here
+    q(i|n) = exp(scale (dmin[n] - d(n, i)) - logs[n]) directly. Each thread
+    owns a tile of references; the rows go in order.
+    """
+    N = XT.shape[1]
+    m = rest.shape[0]
+    for t in prange((N + tile - 1) // tile):
+        j0 = t * tile
+        nb = min(tile, N - j0)
+        dbuf = np.empty((2, tile), dtype=np.float64)
+        nl = np.empty(tile, dtype=np.float64)
+        e = np.empty((2, tile), dtype=np.float64)
+        ik = np.empty(tile, dtype=np.int64)
+        f = ik.view(np.float64)
+        for a in range(0, m, 2):
+            na = rest[a]
+            nb_ = rest[min(a + 1, m - 1)]
+            _sq_dists2(XT, j0, nb, X[na], X[nb_], dbuf[0], dbuf[1])
+            for h in range(2):
+                n = na if h == 0 else nb_
+                if h == 1 and a + 1 >= m:
+                    e[h, :nb] = 0.0
+                    continue
+                if excl and j0 <= n < j0 + nb:
+                    dbuf[h, n - j0] = np.inf
+                _neg_log_q_row(dbuf[h], nb, scale, dmin[n], logs[n], nl)
+                _exp_terms(nl, nb, 1.0, 0.0, e[h], ik)
+                _mul_terms(e[h], f, nb)
+            _scatter_sums(e, nb, UT, na, nb_, acc, j0)
 
 
 # --------------------------------------------------------------------------
@@ -537,6 +966,83 @@ def _add_terms(p, f, nb, acc, j0):
 def _default_tile(D: int) -> int:
     # keep one XT tile (D x tile float64) around 256 KiB so it stays in L2
     return int(min(1024, max(128, ((1 << 15) // max(1, D)) // 16 * 16)))
+
+
+def _pair_tile(N: int, D: int, block_size: int, longest: int = 1024) -> int:
+    """Tile length of the symmetric passes.
+
+    ``block_size`` when given; else the default tile, at most ``longest``,
+    cut so that there are at least 4 tiles per thread Numba may use
+    (``numba.config.NUMBA_NUM_THREADS``, not the call's ``num_threads``: the
+    tiles, hence the order of every sum, do not depend on it), so that the
+    rounds of tile pairs keep every thread busy in small problems.
+    """
+    if block_size > 0:
+        return int(min(block_size, N))
+    most = -(-N // (4 * max(1, numba.config.NUMBA_NUM_THREADS)))
+    tile = min(_default_tile(D), longest, max(64, -(-most // 16) * 16))
+    return int(max(1, min(tile, N)))
+
+
+def _round_units(nt: int, r: int, s0: int, s1: int) -> int:
+    """Progress units of slots s0 <= s < s1 of round r: a diagonal pair 1, any other 2 (nt^2 in all)."""
+    if r == 0:
+        return s1 - s0
+    bye = 1 if nt % 2 and s0 == 0 else 0  # slot 0 holds tile nt when nt is odd
+    return 2 * (s1 - s0 - bye)
+
+
+_ALL_SLOTS = 1 << 62
+
+
+def _round_calls(nt: int, tile: int, D: int, threads: int):
+    """Kernel calls (r0, r1, s0, s1, units) covering every tile pair once, in order.
+
+    Whole rounds are grouped up to about _CHUNK_WORK per call; a round above
+    twice that is cut into runs of slots (at least ``threads`` each), so
+    that progress is reported and Ctrl-C is seen about every 0.1 s.
+    """
+    P = nt + nt % 2
+    per_pair = tile * tile * (8 + D)
+    calls = []
+    r = 0
+    while r < P:
+        slots = nt if r == 0 else P // 2
+        if slots * per_pair > 2 * _CHUNK_WORK and slots > threads:
+            step = max(threads, _CHUNK_WORK // per_pair)
+            for s0 in range(0, slots, step):
+                s1 = min(slots, s0 + step)
+                calls.append((r, r + 1, s0, s1, _round_units(nt, r, s0, s1)))
+            r += 1
+            continue
+        r1, work, units = r, 0, 0
+        while r1 < P:
+            n = nt if r1 == 0 else P // 2
+            if r1 > r and (work + n * per_pair > _CHUNK_WORK or n * per_pair > 2 * _CHUNK_WORK):
+                break
+            work += n * per_pair
+            units += _round_units(nt, r1, 0, n)
+            r1 += 1
+        calls.append((r, r1, 0, _ALL_SLOTS, units))
+        r = r1
+    return calls
+
+
+def _over_rounds(N: int, D: int, tile: int, threads: int, run, progress, offset: int = 0, total: int = 0):
+    """run(r0, r1, s0, s1) over every tile pair; progress(offset + N * done // all, total or N)."""
+    nt = -(-N // tile)
+    done = 0
+    # one pair at a time per thread: a thread held up (by another process)
+    # delays only its own pair, not a fixed share of the round
+    prev = numba.set_parallel_chunksize(1)
+    try:
+        for r0, r1, s0, s1, units in _round_calls(nt, tile, D, threads):
+            run(nt, r0, r1, s0, s1)
+            done += units
+            if progress is not None:
+                progress(offset + N * done // (nt * nt), total or N)
+    finally:
+        numba.set_parallel_chunksize(prev)
 
 
 def _query_block(rows: int, threads: int) -> int:
@@ -616,40 +1122,37 @@ def _log_norm(dmin, logs, scale, dtype):
 _SELF_SUM_FLOOR = 2.0**-960
 
 
-def _self_log_norm(X64, XT, scale, exclude_self, block_size, num_threads, progress):
-    """(dmin, logs) of every point as its own query, each unordered pair once.
+def _from_self_sums(sums, X64, XT, scale, exclude_self, block_size, num_threads):
+    """(dmin, logs) from the symmetric row sums of exp(-scale d).
 
     The log of the row sum is exact because every logit is <= 0 (the self
     term is 0). It goes to logs, with dmin = 0, where it is >= 0 (always,
     unless exclude_self), else to dmin = -log(sum) / scale with logs = 0:
     the targets pass needs logs >= 0 to bound log q by its tile test. With
     exclude_self and a row sum near the exponential's floor, the one-sided
-    pass is run instead.
+    pass (streaming minimum) is run instead, without progress reports (they
+    would go backwards).
     """
-    N, D = X64.shape
-    tile = min(int(block_size) if block_size > 0 else _default_tile(D), N)
-    nt = -(-N // tile)
-    ua, ub = (a.astype(np.int64) for a in np.triu_indices(nt))
-    units = len(ua)
-    with _Threads(num_threads) as threads:
-        sums = np.zeros((threads, N))
-        # chunks of about _CHUNK_WORK, between which progress is reported
-        per_unit = tile * tile * (8 + D)
-        step = max(1, _CHUNK_WORK // per_unit)
-        step = max(threads, step // threads * threads)
-        for u0 in range(0, units, step):
-            u1 = min(units, u0 + step)
-            _self_sums_kernel(XT, X64, float(scale), bool(exclude_self), tile, ua, ub, u0, u1, sums)
-            if progress is not None:
-                progress(N * u1 // units, N)
-    total = sums.sum(axis=0)
-    if exclude_self and total.min() < N * _SELF_SUM_FLOOR:
-        return _run_rows(
-            XT, X64, scale, exclude_self, block_size, num_threads, progress, 0, _NO_DENSE, _NO_IDX, _NO_DENSE
-        )
-    ln = np.log(total)
+    N = X64.shape[0]
+    if exclude_self and sums.min() < N * _SELF_SUM_FLOOR:
+        return _run_rows(XT, X64, scale, exclude_self, block_size, num_threads, None, 0, _NO_DENSE, _NO_IDX, _NO_DENSE)
+    ln = np.log(sums)
     neg = ln < 0.0
     return np.where(neg, -ln / float(scale), 0.0), np.where(neg, 0.0, ln)
+
+
+def _self_log_norm(X64, XT, scale, exclude_self, block_size, num_threads, progress):
+    """(dmin, logs) of every point as its own query, each unordered pair once (_sums_rounds)."""
+    N, D = X64.shape
+    tile = _pair_tile(N, D, block_size)
+    sums = np.zeros(N)
+
+    def run(nt, r0, r1, s0, s1):
+        _sums_rounds(XT, X64, float(scale), bool(exclude_self), tile, nt, r0, r1, s0, s1, sums)
+
+    with _Threads(num_threads) as threads:
+        _over_rounds(N, D, tile, threads, run, progress)
+    return _from_self_sums(sums, X64, XT, scale, exclude_self, block_size, num_threads)
 
 
 def log_normalizer(X, Y, scale, exclude_self, block_size=0, num_threads=1, progress=None):
@@ -670,50 +1173,116 @@ def log_posterior(X, Y, scale, exclude_self, block_size=0, num_threads=1, progre
     return out
 
 
+# The symmetric top-k keeps every row's selection, N * k * 16 bytes, at
+# once; above this it runs one-sided (one row block at a time).
+_SYMMETRIC_TOPK_BYTES = 1 << 30
+
+
+def _locality_order(X64):
+    """Positions along a Z-order (Morton) curve over the two features of widest range.
+
+    Nearby points then share tiles, so a row's k best are mostly found in
+    its own tile (the diagonal pairs run first) and its threshold rarely
+    lets later tiles' entries through. Stable, so ties keep the input order.
+    """
+    N = X64.shape[0]
+    lo = X64.min(axis=0)
+    span = X64.max(axis=0) - lo
+    feats = np.argsort(-span, kind="stable")[:2]
+    code = np.zeros(N, dtype=np.uint64)
+    for bit, d in enumerate(feats):
+        q = np.zeros(N) if span[d] == 0 else (X64[:, d] - lo[d]) * (65535.0 / span[d])
+        v = np.clip(q, 0, 65535).astype(np.uint64)
+        for shift, mask in ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
+            v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+        code |= v << np.uint64(bit)
+    return np.argsort(code, kind="stable")
+
+
+def _symmetric_topk(X64, scale, k, exclude_self, block_size, num_threads, progress, idx, logp):
+    """Top-k with the queries the references, each unordered pair once (_topk_rounds).
+
+    The points go in _locality_order; idx, logp (N, k) and the returned
+    (dmin, logs) are by input row.
+    """
+    N, D = X64.shape
+    ids = _locality_order(X64)
+    Xs = np.ascontiguousarray(X64[ids])
+    XTs = np.ascontiguousarray(Xs.T)
+    tile = _pair_tile(N, D, block_size, longest=_TOPK_TILE)
+    sums = np.zeros(N)
+    thr = np.full(N, np.inf)
+    top_d = np.full((N, k), np.inf)
+    top_i = np.full((N, k), N, dtype=np.int64)  # sentinel: ranks after every real column
+
+    def run(nt, r0, r1, s0, s1):
+        _topk_rounds(XTs, Xs, ids, float(scale), bool(exclude_self), tile, nt, r0, r1, s0, s1, sums, thr, top_d, top_i)
+
+    with _Threads(num_threads) as threads:
+        _over_rounds(N, D, tile, threads, run, progress)
+        dmin, logs = _from_self_sums(sums, Xs, XTs, scale, exclude_self, block_size, num_threads)
+        _finish_topk(float(scale), dmin, logs, ids, top_d, top_i, logp, idx)
+    out_dmin = np.empty(N)
+    out_logs = np.empty(N)
+    out_dmin[ids] = dmin
+    out_logs[ids] = logs
+    return out_dmin, out_logs
+
+
 def topk(X, Y, scale, k, exclude_self, block_size=0, num_threads=1, progress=None):
-    _, XT, Y64 = _as_f64(X, Y)
+    X64, XT, Y64 = _as_f64(X, Y)
     M = Y.shape[0]
     idx = np.empty((M, k), dtype=np.int64)
     logp = np.empty((M, k), dtype=np.float64)
-    dmin, logs = _run_rows(
-        XT, Y64, scale, exclude_self, block_size, num_threads, progress, 2, _NO_DENSE, idx, logp
-    )
+    if Y64 is X64 and M * k * 16 <= _SYMMETRIC_TOPK_BYTES:
+        dmin, logs = _symmetric_topk(X64, scale, k, exclude_self, block_size, num_threads, progress, idx, logp)
+    else:
+        dmin, logs = _run_rows(
+            XT, Y64, scale, exclude_self, block_size, num_threads, progress, 2, _NO_DENSE, idx, logp
+        )
     return idx, logp.astype(X.dtype, copy=False), _log_norm(dmin, logs, scale, X.dtype)
+
+
+# Rows with log Z_n below -_LOGZ_MARGIN (only possible with exclude_self)
+# take the one-sided _targets_rest: through e_in / Z_n, terms whose e_in
+# falls below exp(-708) would be lost although q(i|n) = e_in / Z_n could be
+# up to exp(-708 + _LOGZ_MARGIN); the margin keeps any such loss below
+# exp(-308) ~ 1e-134.
+_LOGZ_MARGIN = 400.0
 
 
 def targets(X, scale, exclude_self, block_size=0, num_threads=1, progress=None):
     N, D = X.shape
-    X64, XT, _ = _as_f64(X, X)
+    X64 = np.ascontiguousarray(X, dtype=np.float64)
+    # UT = u_n = (1, x_n, ||x_n||^2) per point, feature-major; its rows 1 .. D are XT
+    UT = np.empty((D + 2, N))
+    UT[0] = 1.0
+    UT[1 : D + 1] = X64.T
+    UT[D + 1] = np.einsum("nd,nd->n", X64, X64)
+    XT = UT[1 : D + 1]
     total = 2 * N
     # pass 1: normaliser of every row n (progress 0 .. N)
-    inner = None if progress is None else (lambda done, _total: progress(done, total))
-    dmin, logs = _self_log_norm(X64, XT, scale, exclude_self, block_size, num_threads, inner)
-    # pass 2: per-reference sums, each thread owning a block of references (N .. 2N)
-    sq = np.einsum("nd,nd->n", X64, X64)
-    W = np.zeros(N)
-    S1 = np.zeros((N, D))
-    S2 = np.zeros(N)
-    tile = min(int(block_size) if block_size > 0 else _default_tile(D), N)
-    dmin_tile_max = np.maximum.reduceat(dmin, np.arange(0, N, tile))
-    with _Threads(num_threads) as nt:
-        for a, b in _chunks(N, N, D, nt):
-            _targets_kernel(
-                XT,
-                X64,
-                dmin,
-                logs,
-                dmin_tile_max,
-                sq,
-                float(scale),
-                bool(exclude_self),
-                a,
-                b,
-                tile,
-                _query_block(b - a, nt),
-                W,
-                S1,
-                S2,
-            )
-            if progress is not None:
-                progress(N + b, total)
-    return W, S1, S2
+    dmin, logs = _self_log_norm(
+        X64, XT, scale, exclude_self, block_size, num_threads,
+        None if progress is None else (lambda done, _total: progress(done, total)),
+    )
+    # pass 2: the sums, each unordered pair once (progress N .. 2N), with
+    # V = u_n / Z_n; rows with too small a normaliser get V = 0 and go one-sided
+    neg_a = float(scale) * dmin - logs  # -log Z_n
+    safe = neg_a <= _LOGZ_MARGIN
+    V = UT * np.where(safe, np.exp(np.minimum(neg_a, _LOGZ_MARGIN)), 0.0)
+    tile = _pair_tile(N, D, block_size)
+    neg_a_max = np.maximum.reduceat(np.where(safe, neg_a, -np.inf), np.arange(0, N, tile))
+    acc = np.zeros((D + 2, N))
+
+    def run(nt, r0, r1, s0, s1):
+        _targets_rounds(XT, X64, V, neg_a_max, float(scale), bool(exclude_self), tile, nt, r0, r1, s0, s1, acc)
+
+    with _Threads(num_threads) as threads:
+        _over_rounds(N, D, tile, threads, run, progress, offset=N, total=total)
+        rest = np.flatnonzero(~safe)
+        # in chunks of about _CHUNK_WORK, between which Ctrl-C is seen
+        step = max(2, _CHUNK_WORK // max(1, N * (8 + D)) // 2 * 2)
+        for a in range(0, len(rest), step):
+            _targets_rest(XT, X64, UT, rest[a : a + step], dmin, logs, float(scale), bool(exclude_self), tile, acc)
+    return acc[0].copy(), np.ascontiguousarray(acc[1 : D + 1].T), acc[D + 1].copy()
