@@ -663,6 +663,33 @@ def _round_pair(nt, r, s):
     return min(u, v), max(u, v)
 
 
+@njit(cache=True, nogil=True)
+def _round_slots(nt, r, s1):
+    """End of the slots to run in round r: s1, cut to the round's nt (diagonal) or P / 2 slots."""
+    return min(s1, nt if r == 0 else (nt + nt % 2) // 2)
+
+
+@njit(cache=True, nogil=True)
+def _pair_span(nt, r, s, tile, N):
+    """Slot s of round r as (ta, tb, i0, i1, j0, nb): rows [i0, i1) of tile ta
+    against columns [j0, j0 + nb) of tile tb; ta = -1 for a bye."""
+    ta, tb = _round_pair(nt, r, s)
+    i0 = ta * tile
+    j0 = tb * tile
+    return ta, tb, i0, min(N, i0 + tile), j0, min(tile, N - j0)
+
+
+@njit(cache=True, nogil=True)
+def _pair_buffers(tile):
+    """One tile pair's buffers: the distances of two rows (dbuf, and its int64
+    bits for _min_dist), _exp_terms' 2^k factors (ik, and as float64 f), and
+    the cell _min_dist reads its result through (bits, bitsf)."""
+    dbuf = np.empty((2, tile), dtype=np.float64)
+    ik = np.empty(tile, dtype=np.int64)
+    bits = np.empty(1, dtype=np.int64)
+    return dbuf, dbuf.view(np.int64), ik, ik.view(np.float64), bits, bits.view(np.float64)
+
+
 # --------------------------------------------------------------------------
 # parallel kernels
 # --------------------------------------------------------------------------
@@ -763,25 +790,14 @@ def _sums_rounds(XT, X, scale, excl, tile, nt, r0, r1, s0, s1, sums):
     sum takes its terms in one fixed order, whatever the thread count.
     """
     N = XT.shape[1]
-    P = nt + nt % 2
     for r in range(r0, r1):
-        s_end = min(s1, nt if r == 0 else P // 2)
-        for s in prange(s0, s_end):
-            ta, tb = _round_pair(nt, r, s)
+        for s in prange(s0, _round_slots(nt, r, s1)):
+            ta, tb, i0, i1, j0, nb = _pair_span(nt, r, s, tile, N)
             if ta < 0:
                 continue
             diag = ta == tb
-            i0 = ta * tile
-            i1 = min(N, i0 + tile)
-            j0 = tb * tile
-            nb = min(tile, N - j0)
-            dbuf = np.empty((2, tile), dtype=np.float64)
-            ibuf = dbuf.view(np.int64)
+            dbuf, ibuf, ik, f, bits, bitsf = _pair_buffers(tile)
             p = np.empty(tile, dtype=np.float64)
-            ik = np.empty(tile, dtype=np.int64)
-            f = ik.view(np.float64)
-            bits = np.empty(1, dtype=np.int64)
-            bitsf = bits.view(np.float64)
             for ip in range(i0, i1, 2):
                 _ref_pair_dists(XT, X, ip, i1, j0, nb, excl and diag, dbuf)
                 for h in range(min(2, i1 - ip)):
@@ -812,25 +828,14 @@ def _topk_rounds(XT, X, ids, scale, excl, tile, nt, r0, r1, s0, s1, sums, thr, t
     """
     N = XT.shape[1]
     k = top_d.shape[1]
-    P = nt + nt % 2
     for r in range(r0, r1):
-        s_end = min(s1, nt if r == 0 else P // 2)
-        for s in prange(s0, s_end):
-            ta, tb = _round_pair(nt, r, s)
+        for s in prange(s0, _round_slots(nt, r, s1)):
+            ta, tb, i0, i1, j0, nb = _pair_span(nt, r, s, tile, N)
             if ta < 0:
                 continue
             diag = ta == tb
-            i0 = ta * tile
-            i1 = min(N, i0 + tile)
-            j0 = tb * tile
-            nb = min(tile, N - j0)
-            dbuf = np.empty((2, tile), dtype=np.float64)
-            ibuf = dbuf.view(np.int64)
+            dbuf, ibuf, ik, f, bits, bitsf = _pair_buffers(tile)
             p = np.empty(tile, dtype=np.float64)
-            ik = np.empty(tile, dtype=np.int64)
-            f = ik.view(np.float64)
-            bits = np.empty(1, dtype=np.int64)
-            bitsf = bits.view(np.float64)
             scratch = np.empty((2, tile), dtype=np.float64)
             for ip in range(i0, i1, 2):
                 _ref_pair_dists(XT, X, ip, i1, j0, nb, excl and diag, dbuf)
@@ -883,26 +888,15 @@ def _targets_rounds(XT, X, V, neg_a_max, scale, excl, tile, nt, r0, r1, s0, s1, 
     depend on the thread count.
     """
     N = XT.shape[1]
-    P = nt + nt % 2
     for r in range(r0, r1):
-        s_end = min(s1, nt if r == 0 else P // 2)
-        for s in prange(s0, s_end):
-            ta, tb = _round_pair(nt, r, s)
+        for s in prange(s0, _round_slots(nt, r, s1)):
+            ta, tb, i0, i1, j0, nb = _pair_span(nt, r, s, tile, N)
             if ta < 0:
                 continue
             diag = ta == tb
-            i0 = ta * tile
-            i1 = min(N, i0 + tile)
-            j0 = tb * tile
-            nb = min(tile, N - j0)
             bound = max(neg_a_max[ta], neg_a_max[tb])
-            dbuf = np.empty((2, tile), dtype=np.float64)
-            ibuf = dbuf.view(np.int64)
+            dbuf, ibuf, ik, f, bits, bitsf = _pair_buffers(tile)
             e = np.empty((2, tile), dtype=np.float64)
-            ik = np.empty(tile, dtype=np.int64)
-            f = ik.view(np.float64)
-            bits = np.empty(1, dtype=np.int64)
-            bitsf = bits.view(np.float64)
             for ip in range(i0, i1, 2):
                 nh = min(2, i1 - ip)
                 _ref_pair_dists(XT, X, ip, i1, j0, nb, excl and diag, dbuf)
@@ -1007,7 +1001,7 @@ def _round_calls(nt: int, tile: int, D: int, threads: int):
     calls = []
     r = 0
     while r < P:
-        slots = nt if r == 0 else P // 2
+        slots = _round_slots(nt, r, _ALL_SLOTS)
         if slots * per_pair > 2 * _CHUNK_WORK and slots > threads:
             step = max(threads, _CHUNK_WORK // per_pair)
             for s0 in range(0, slots, step):
@@ -1017,7 +1011,7 @@ def _round_calls(nt: int, tile: int, D: int, threads: int):
             continue
         r1, work, units = r, 0, 0
         while r1 < P:
-            n = nt if r1 == 0 else P // 2
+            n = _round_slots(nt, r1, _ALL_SLOTS)
             if r1 > r and (work + n * per_pair > _CHUNK_WORK or n * per_pair > 2 * _CHUNK_WORK):
                 break
             work += n * per_pair
