@@ -592,10 +592,19 @@ void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& c
     over_tile_pairs<RowBlock>(
         p, a.threads, a.scale, exp_floor<T>(), ctl, [&] { return RowBlock(a.d, p.ld); },
         [&](RowBlock& b, index_t ta, index_t tb, index_t r0, index_t rows) {
+            double* colsum = ta == tb ? nullptr : sums.data() + tb * p.tb;
+            if constexpr (std::is_same_v<T, float>) {
+                // float distances and no self term to drop: the fused leaf,
+                // the rows read in place (x is in packed order)
+                if (p.single && !(a.exclude_self && ta == tb)) {
+                    direct_exp_sums(p.ftile(tb), p.ld, a.d, x + r0 * a.d, rows, p.len(tb), a.scale,
+                                    sums.data() + r0, colsum);
+                    return;
+                }
+            }
             b.load(x, r0, rows, a.d, p.shift(), nullptr, nullptr);
             tile_logits(p, b, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
-            exp_sums(b.logits.data(), p.ld, rows, p.len(tb), sums.data() + r0,
-                     ta == tb ? nullptr : sums.data() + tb * p.tb, T{});
+            exp_sums(b.logits.data(), p.ld, rows, p.len(tb), sums.data() + r0, colsum, T{});
         });
     self_logs<T>(a, p, sums.data(), out, ctl, order);
 }
@@ -823,10 +832,22 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
         const double col_floor = *std::min_element(thr + tb * p.tb, thr + tb * p.tb + len);
         for (index_t r0 = ta * p.tb; r0 < end; r0 += kRows) {
             const index_t rows = std::min(kRows, end - r0);
-            w.block.load(sr.x, r0, rows, a.d, p.shift(), nullptr, nullptr);
-            tile_logits(p, w.block, rows, tb, a.scale, a.exclude_self && diag);
             const double* v = w.block.logits.data();
-            exp_sums(v, ld, rows, len, sums.data() + r0, diag ? nullptr : sums.data() + tb * p.tb, T{});
+            double* colsum = diag ? nullptr : sums.data() + tb * p.tb;
+            bool fused = false;
+            if constexpr (std::is_same_v<T, float>) {
+                // float distances and no self term to drop: logits and sums
+                // from one leaf, the rows read in place (sr.x is in packed order)
+                fused = p.single && !(a.exclude_self && diag);
+                if (fused)
+                    direct_exp_sums(p.ftile(tb), ld, a.d, sr.x + r0 * a.d, rows, len, a.scale, sums.data() + r0,
+                                    colsum, w.block.logits.data(), w.block.tmax.data());
+            }
+            if (!fused) {
+                w.block.load(sr.x, r0, rows, a.d, p.shift(), nullptr, nullptr);
+                tile_logits(p, w.block, rows, tb, a.scale, a.exclude_self && diag);
+                exp_sums(v, ld, rows, len, sums.data() + r0, colsum, T{});
+            }
             double top = kNegInf;
             for (index_t r = 0; r < rows; ++r) {
                 const double* vr = v + r * ld;
@@ -1072,10 +1093,26 @@ void symmetric_targets(const Args& a, const PackedRefs& p, const Order& order, c
         p, a.threads, a.scale, exp_floor<T>(), ctl,
         [&] { return State{RowBlock(d, ld), std::vector<T>(static_cast<std::size_t>(kTargetRows * (ld + 16)))}; },
         [&](State& s, index_t ta, index_t tb, index_t r0, index_t rows) {
+            double* cols = tot + tb * per;
+            double* rows_acc = ta == tb ? nullptr : tot + ta * per + (r0 - ta * p.tb);
+            if constexpr (std::is_same_v<T, float>) {
+                if (p.single) {
+                    // float distances: q straight from them (fused leaf), the
+                    // rows read in place (xrows is in packed order); a dropped
+                    // self term is a zero q
+                    const index_t qld = ld + 16;
+                    direct_exp(p.ftile(tb), ld, d, xrows + r0 * d, rows, a.scale, s.q.data(), qld);
+                    if (a.exclude_self && ta == tb)
+                        for (index_t r = 0; r < rows; ++r) s.q[static_cast<std::size_t>(r * qld + r0 + r - tb * p.tb)] = 0.0f;
+                    pair_targets(s.q.data(), qld, ld, rows, u.data() + r0 * dw, ut.data() + tb * per, dw, cols,
+                                 rows_acc);
+                    return;
+                }
+            }
             s.block.load(xrows, r0, rows, d, c, nullptr, nullptr);
             tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
-            pair_targets(s.block.logits.data(), ld, rows, u.data() + r0 * dw, ut.data() + tb * per, dw,
-                         tot + tb * per, ta == tb ? nullptr : tot + ta * per + (r0 - ta * p.tb), s.q.data());
+            pair_targets(s.block.logits.data(), ld, rows, u.data() + r0 * dw, ut.data() + tb * per, dw, cols,
+                         rows_acc, s.q.data());
         });
 }
 }  // namespace

@@ -276,6 +276,146 @@ void logits_direct(const float* xt, index_t ld, index_t cols, index_t d, const f
     }
 }
 
+// exp_nonpos (exp.hpp, float) on sixteen lanes: the same operations in the
+// same order, so a lane's result is the scalar function's, bit for bit.
+typedef std::int32_t v16i __attribute__((vector_size(64)));
+[[gnu::always_inline]] static inline v16f exp16(v16f x) {
+    constexpr float kLog2e = 1.44269504f;
+    constexpr float kLn2Hi = 0.693359375f;
+    constexpr float kLn2Lo = -2.12194440e-4f;
+    constexpr float kShift = 12582912.0f;
+    constexpr float kLowest = -87.0f;
+    const v16f xc = x < kLowest ? v16f{} + kLowest : x;
+    const v16f t = xc * kLog2e + kShift;
+    const v16f kf = t - kShift;
+    v16f r = xc - kf * kLn2Hi;
+    r = r - kf * kLn2Lo;
+    v16f p = v16f{} + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    v16i tb;
+    std::memcpy(&tb, &t, sizeof tb);
+    const v16i bits = (tb - 0x4B400000 + 127) << 23;
+    v16f scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    const v16f y = p * scale;
+    return x < kLowest ? v16f{} : y;
+}
+
+// q = exp(-scale s) in single precision for 16 columns of squared distances
+// s, with columns at or beyond len (j0: the first one's index) set to 0.
+[[gnu::always_inline]] static inline v16f exp_scaled16(v16f s, float mscale, index_t j0, index_t len) {
+    v16f q = exp16(s * mscale);
+    if (j0 + 16 > len) {
+        const v16f lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        q = lane + static_cast<float>(j0) < static_cast<float>(len) ? q : v16f{};
+    }
+    return q;
+}
+
+// direct_exp_sums, and with Store the logits as logits_direct writes them
+// (all ld columns, and each row's maximum over the first len).
+template <bool Store>
+[[gnu::always_inline]] static inline void direct_exp_sums_impl(const float* xt, index_t ld, index_t d,
+                                                              const float* y, index_t rows, index_t len,
+                                                              double scale, double* rowsum, double* colsum,
+                                                              double* out, double* row_max) {
+    static_assert(kTileAlign % 32 == 0, "two float vectors per column block");
+    constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+    constexpr index_t kBlockRows = 4;
+    const index_t cols = Store ? ld : (len + 31) / 32 * 32;  // <= ld
+    const float ms = static_cast<float>(-scale);
+    // each column's sum over the block's rows: four rows in register, in
+    // row order, then added here in row-group order
+    alignas(64) float cs[kMaxTile];
+    if (colsum) std::memset(cs, 0, sizeof(float) * static_cast<std::size_t>(cols));
+    for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+        const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
+        const float* ys[kBlockRows];
+        four_rows(y, d, r0, nr, ys);
+        v16f rs[kBlockRows] = {};
+        v8d top[kBlockRows];
+        if constexpr (Store)
+            for (auto& m : top) m = v8d{} + kNegInf;
+        for (index_t j0 = 0; j0 < cols; j0 += 32) {
+            const float* xs[1] = {xt + j0};
+            v16f acc[kBlockRows][2];
+            column_sums_f<kBlockRows, 2, true>(xs, ld, d, ys, acc);
+            v16f c0 = v16f{}, c1 = v16f{};
+#pragma GCC unroll 4
+            for (index_t r = 0; r < kBlockRows; ++r) {
+                if (r >= nr) break;  // repeated rows (last block only)
+                if constexpr (Store) {
+                    double* o = out + (r0 + r) * ld + j0;
+                    v8d v[4];
+                    scaled16(acc[r][0], scale, v[0], v[1]);
+                    scaled16(acc[r][1], scale, v[2], v[3]);
+                    for (int i = 0; i < 4; ++i) store8(o + 8 * i, v[i]);
+                    if (row_max) fold_max(top[r], v, j0, len);
+                    if (j0 >= len) continue;
+                }
+                const v16f q0 = exp_scaled16(acc[r][0], ms, j0, len);
+                const v16f q1 = exp_scaled16(acc[r][1], ms, j0 + 16, len);
+                rs[r] += q0 + q1;
+                c0 += q0;
+                c1 += q1;
+            }
+            if (colsum && (!Store || j0 < len)) {
+                float* c = cs + j0;
+                std::memcpy(c, &(c0 += load16(c)), sizeof c0);
+                std::memcpy(c + 16, &(c1 += load16(c + 16)), sizeof c1);
+            }
+        }
+        for (index_t r = 0; r < nr; ++r) {
+            float s = 0;
+            for (int i = 0; i < 16; ++i) s += rs[r][i];
+            rowsum[r0 + r] += static_cast<double>(s);
+            if constexpr (Store)
+                if (row_max) row_max[r0 + r] = lane_max(top[r]);
+        }
+    }
+    if (!colsum) return;
+#pragma omp simd
+    for (index_t j = 0; j < len; ++j) colsum[j] += static_cast<double>(cs[j]);
+}
+
+MAPA_CLONES
+void direct_exp_sums(const float* xt, index_t ld, index_t d, const float* y, index_t rows, index_t len,
+                     double scale, double* rowsum, double* colsum, double* out, double* row_max) {
+    if (out) {
+        direct_exp_sums_impl<true>(xt, ld, d, y, rows, len, scale, rowsum, colsum, out, row_max);
+    } else {
+        direct_exp_sums_impl<false>(xt, ld, d, y, rows, len, scale, rowsum, colsum, nullptr, nullptr);
+    }
+}
+
+MAPA_CLONES
+void direct_exp(const float* xt, index_t ld, index_t d, const float* y, index_t rows, double scale, float* q,
+                index_t qld) {
+    constexpr index_t kBlockRows = 4;
+    const float ms = static_cast<float>(-scale);
+    for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+        const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
+        const float* ys[kBlockRows];
+        four_rows(y, d, r0, nr, ys);
+        for (index_t j0 = 0; j0 < ld; j0 += 32) {
+            const float* xs[1] = {xt + j0};
+            v16f acc[kBlockRows][2];
+            column_sums_f<kBlockRows, 2, true>(xs, ld, d, ys, acc);
+            for (index_t r = 0; r < nr; ++r) {
+                float* o = q + (r0 + r) * qld + j0;
+                const v16f q0 = exp16(acc[r][0] * ms), q1 = exp16(acc[r][1] * ms);
+                std::memcpy(o, &q0, sizeof q0);
+                std::memcpy(o + 16, &q1, sizeof q1);
+            }
+        }
+    }
+}
+
 MAPA_CLONES
 void logits_visits(const float* const* xt, index_t ld, index_t d, const float* const* y, index_t n, double scale,
                    double* out) {
@@ -682,20 +822,14 @@ void pair_targets(const double* v, index_t ld, index_t rows, const double* u, co
     }
 }
 
-MAPA_CLONES
-void pair_targets(const double* v, index_t ld, index_t rows, const float* u, const float* ut, index_t dw,
-                  double* colacc, double* rowacc, float* q0) {
-    // As the double version, with q and the products in single precision:
-    // each column's terms summed over the block's rows, and each row's over
-    // 256 columns at a time (16 terms per lane either way), in float, then
-    // added in double.
-    const index_t qld = ld + 16;
-    for (index_t r = 0; r < rows; ++r) {
-        const double* vr = v + r * ld;
-        float* qr = q0 + r * qld;
-#pragma omp simd
-        for (index_t j = 0; j < ld; ++j) qr[j] = exp_nonpos(static_cast<float>(vr[j]));
-    }
+// The products of the float pair_targets, from q (row stride qld): as the
+// double version, with q and the products in single precision: each
+// column's terms summed over the block's rows, and each row's over 256
+// columns at a time (16 terms per lane either way), in float, then added in
+// double.
+[[gnu::always_inline]] static inline void pair_products(const float* q0, index_t qld, index_t ld, index_t rows,
+                                                       const float* u, const float* ut, index_t dw,
+                                                       double* colacc, double* rowacc) {
     static_assert(kTileAlign % 32 == 0, "two float vectors per column group");
     for (index_t j = 0; j < ld; j += 32) {
         // four features at a time: eight independent sums; missing features
@@ -761,6 +895,25 @@ void pair_targets(const double* v, index_t ld, index_t rows, const float* u, con
             add_row_sums(t, nr, nk, k0, r0, ld, rowacc);
         }
     }
+}
+
+MAPA_CLONES
+void pair_targets(const double* v, index_t ld, index_t rows, const float* u, const float* ut, index_t dw,
+                  double* colacc, double* rowacc, float* q0) {
+    const index_t qld = ld + 16;
+    for (index_t r = 0; r < rows; ++r) {
+        const double* vr = v + r * ld;
+        float* qr = q0 + r * qld;
+#pragma omp simd
+        for (index_t j = 0; j < ld; ++j) qr[j] = exp_nonpos(static_cast<float>(vr[j]));
+    }
+    pair_products(q0, qld, ld, rows, u, ut, dw, colacc, rowacc);
+}
+
+MAPA_CLONES
+void pair_targets(const float* q, index_t qld, index_t ld, index_t rows, const float* u, const float* ut,
+                  index_t dw, double* colacc, double* rowacc) {
+    pair_products(q, qld, ld, rows, u, ut, dw, colacc, rowacc);
 }
 
 const char* selected_isa() {

@@ -53,6 +53,25 @@ void logits_direct(const float* xt, index_t ld, index_t cols, index_t d, const f
 void logits_visits(const float* const* xt, index_t ld, index_t d, const float* const* y, index_t n, double scale,
                    double* out);
 
+// Fused logits_direct (float) and exp_sums(float) for float32 problems, the
+// logits never stored: q_rj = exp(-scale ||y_r - x_j||^2) with the squared
+// distance as logits_direct sums it and the product and exponential in
+// single precision; rowsum[r] += sum_{j < len} q_rj (each row's sum over the
+// tile in float) and, unless colsum is null, colsum[j] += sum_{r < rows} q_rj
+// (over the rows in float), both added in double. rows <= 16 is not
+// required; len <= min(ld, kMaxTile). Unless out is null, the logits are
+// also written there and to row_max (unless null) each row's maximum, as
+// logits_direct(xt, ld, ld, d, y, rows, scale, out, len, row_max) writes
+// them.
+void direct_exp_sums(const float* xt, index_t ld, index_t d, const float* y, index_t rows, index_t len,
+                     double scale, double* rowsum, double* colsum, double* out = nullptr,
+                     double* row_max = nullptr);
+
+// The same q_rj for every column j < ld (padding included), written to
+// q[r * qld + j].
+void direct_exp(const float* xt, index_t ld, index_t d, const float* y, index_t rows, double scale, float* q,
+                index_t qld);
+
 // max_j v[j] (-inf when len == 0 or all entries are -inf).
 double tile_max(const double* v, index_t len);
 
@@ -133,6 +152,10 @@ void pair_targets(const double* v, index_t ld, index_t rows, const double* u, co
 // then added in double.
 void pair_targets(const double* v, index_t ld, index_t rows, const float* u, const float* ut, index_t dw,
                   double* colacc, double* rowacc, float* scratch);
+// The same from q_rj given at q[r * qld + j] (j < ld; qld >= ld, a multiple
+// of 16), e.g. by direct_exp.
+void pair_targets(const float* q, index_t qld, index_t ld, index_t rows, const float* u, const float* ut,
+                  index_t dw, double* colacc, double* rowacc);
 
 // Name of the clone the loader picked on this CPU ("avx512", "avx2", "baseline").
 const char* selected_isa();

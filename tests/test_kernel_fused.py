@@ -1,0 +1,85 @@
+"""The cpp kernel's fused float32 leaves on problems of many tiles.
+
+For float32 data the cpp kernel computes a tile's squared distances, the
+exponentials and their row and column sums in one leaf, without storing the
+logits (normaliser, the targets' two passes, and top-k's sums, which also
+stores them for the selection). Only pairs of different tiles, or the
+diagonal without exclude_self, take it; the tests' usual problems fit in one
+tile. Here the tiles are ragged: a tile shorter than its stride (masked
+lanes in the last column block) and a last tile whose rows end part-way
+through a group of four, against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mapa
+from kernel_reference import (
+    BACKENDS,
+    assert_lognorm_close,
+    assert_logq_close,
+    check_targets,
+    check_topk,
+    make_data,
+    ref_log_normalizer,
+    ref_log_posterior,
+)
+
+pytestmark = pytest.mark.skipif("cpp" not in BACKENDS, reason="the cpp backend is not available")
+
+F32 = np.float32
+
+
+# (n, d, block_size): 203 points in tiles of 42 (stride 64, so the second
+# column block is part padding; a tile's rows are blocks of 16, 16 and 10,
+# the last ending two rows into a group of four: ragged rows meet other
+# tiles' columns, whose column sums they feed); 310 in tiles of 54 (rows 16,
+# 16, 16, 6); 1500 with the default tiles (1024 for the normaliser, at most
+# 256 for top-k); d = 16 sums sixteen features per distance.
+CASES = [(203, 3, 42), (310, 16, 54), (1500, 2, None)]
+
+
+@pytest.mark.parametrize("n, d, block_size", CASES)
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_fused_leaves_match_float64_reference(n, d, block_size, exclude_self, num_threads):
+    X = make_data(n, d, dtype=F32, seed=n + d)
+    # a bandwidth at which every row has many terms above the floor
+    h = 0.5 * float(np.sqrt(d))
+    kw = dict(bandwidth=h, exclude_self=exclude_self, block_size=block_size, num_threads=num_threads, backend="cpp")
+    ref = ref_log_normalizer(X, X, h, exclude_self)
+    lnorm = mapa.log_normalizer(X, **kw)
+    assert_lognorm_close(lnorm, ref, F32)
+    for k in (9, 70):
+        top = mapa.log_posterior_topk(X, k=k, **kw)
+        check_topk(top, X, X, h, k, F32, exclude_self)
+    check_targets(mapa.posterior_targets(X, **kw), X, h, F32, exclude_self)
+    assert_logq_close(mapa.log_posterior(X, **kw), ref_log_posterior(X, X, h, exclude_self), F32)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_fused_leaves_bit_identical_across_threads(exclude_self):
+    # Each tile's pairs run in one fixed order whatever the thread count, so
+    # the fused sums, and every output built on them, are the same bits.
+    X = make_data(203, 3, dtype=F32, seed=4)
+    kw = dict(bandwidth=0.8, exclude_self=exclude_self, block_size=42, backend="cpp")
+
+    def run(num_threads):
+        top = mapa.log_posterior_topk(X, k=9, num_threads=num_threads, **kw)
+        tg = mapa.posterior_targets(X, num_threads=num_threads, **kw)
+        return [
+            mapa.log_normalizer(X, num_threads=num_threads, **kw),
+            top.indices,
+            top.log_prob,
+            top.log_norm,
+            tg.weights,
+            tg.means,
+            tg.sq_norms,
+        ]
+
+    base = run(1)
+    for num_threads in (2, 5):
+        for a, b in zip(run(num_threads), base):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
