@@ -594,11 +594,12 @@ void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& c
         [&](RowBlock& b, index_t ta, index_t tb, index_t r0, index_t rows) {
             double* colsum = ta == tb ? nullptr : sums.data() + tb * p.tb;
             if constexpr (std::is_same_v<T, float>) {
-                // float distances and no self term to drop: the fused leaf,
-                // the rows read in place (x is in packed order)
-                if (p.single && !(a.exclude_self && ta == tb)) {
+                // float distances: the fused leaf, the rows read in place (x
+                // is in packed order), a dropped self term left out there
+                if (p.single) {
                     direct_exp_sums(p.ftile(tb), p.ld, a.d, x + r0 * a.d, rows, p.len(tb), a.scale,
-                                    sums.data() + r0, colsum);
+                                    sums.data() + r0, colsum, nullptr, nullptr,
+                                    a.exclude_self && ta == tb ? r0 - tb * p.tb : -1);
                     return;
                 }
             }
@@ -779,6 +780,16 @@ struct TopKState : NormState<T> {
 }  // namespace
 
 namespace {
+// A float bound on the squared distances whose logit double(s) * -scale
+// reaches thr: every such s is <= s_bound(thr, scale). The quotient -thr /
+// scale is within a few 2^-53 of the largest such s; widened by 2^-20, its
+// rounding to float (at most 2^-24 down) stays above it. The few entries
+// between the two are offered and dropped by the exact comparison.
+float s_bound(double thr, double scale) {
+    if (!(thr > kNegInf)) return std::numeric_limits<float>::infinity();
+    return static_cast<float>((-thr / scale) * (1.0 + 0x1p-20));
+}
+
 // The symmetric top-k's selection state is used while it takes at most
 // this much memory; beyond it, the one-sided form runs.
 constexpr double kSymmetricTopkBytes = 1024.0 * (1 << 20);
@@ -812,8 +823,57 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
         std::vector<std::int32_t> pos;
         std::vector<double> copy, spare;  // a row's logits, for its seed
         std::vector<std::uint32_t> masks;
+        std::vector<float> dist, smin, bound;  // float path: a block's squared distances, their bounds
     };
     const double* thr = sel.thresholds();
+    // float32 data with float distances: the leaf keeps each pair's squared
+    // distance s (its logit is double(s) * -scale, the value the other
+    // path computes) and the scans compare s with each threshold's bound
+    // (s_bound: every s whose logit reaches the threshold is at or below
+    // it); the few entries found are offered with their exact logits, and
+    // offer() drops those below the threshold. Half the bytes of double
+    // logits, sixteen lanes per compare, and the same selection.
+    const auto logit = [&](float sq) { return static_cast<double>(sq) * -a.scale; };
+    const auto visit_single = [&](Work& w, index_t ta, index_t tb, double col_floor, const auto* xs) {
+        const bool diag = ta == tb;
+        const index_t len = p.len(tb), end = ta * p.tb + p.len(ta);
+        const std::int32_t* cols = refs.data() + tb * p.tb;
+        float* dist = w.dist.data();
+        for (index_t r0 = ta * p.tb; r0 < end; r0 += kRows) {
+            const index_t rows = std::min(kRows, end - r0);
+            direct_exp_sums(p.ftile(tb), ld, a.d, xs + r0 * a.d, rows, len, a.scale, sums.data() + r0, diag ? nullptr : sums.data() + tb * p.tb, dist,
+                            w.smin.data(), a.exclude_self && diag ? r0 - tb * p.tb : -1);
+            double top = kNegInf;
+            for (index_t r = 0; r < rows; ++r) {
+                const float* sr_ = dist + r * ld;
+                const double tmax = logit(w.smin[static_cast<std::size_t>(r)]);
+                top = std::max(top, tmax);
+                if (tmax < thr[r0 + r]) continue;
+                if (diag && len >= k) {
+                    // as below: the k-th largest logit of the row's own tile
+                    for (index_t j = 0; j < len; ++j) w.copy[static_cast<std::size_t>(j)] = logit(sr_[j]);
+                    sel.seed(r0 + r, kth_largest(w.copy.data(), w.spare.data(), static_cast<std::size_t>(len),
+                                                 static_cast<std::size_t>(k - 1)));
+                }
+                const index_t found = positions_at_most(sr_, len, s_bound(thr[r0 + r], a.scale), w.pos.data());
+                for (index_t i = 0; i < found; ++i) {
+                    const std::int32_t j = w.pos[static_cast<std::size_t>(i)];
+                    sel.offer(r0 + r, logit(sr_[j]), cols[j], w.scratch);
+                }
+            }
+            if (diag || top < col_floor) continue;
+            for (index_t j = 0; j < len; ++j) w.bound[static_cast<std::size_t>(j)] = s_bound(thr[tb * p.tb + j], a.scale);
+            const index_t found = columns_at_most(dist, ld, rows, len, w.bound.data(), w.pos.data(), w.masks.data());
+            for (index_t i = 0; i < found; ++i) {
+                const std::int32_t j = w.pos[static_cast<std::size_t>(i)];
+                for (std::uint32_t m = w.masks[static_cast<std::size_t>(i)]; m; m &= m - 1) {
+                    const int r = __builtin_ctz(m);
+                    sel.offer(tb * p.tb + j, logit(dist[r * ld + j]), refs[static_cast<std::size_t>(r0 + r)],
+                              w.scratch);
+                }
+            }
+        }
+    };
     const auto visit = [&](Work& w, index_t ta, index_t tb) {
         const bool diag = ta == tb;
         const index_t len = p.len(tb);
@@ -830,24 +890,15 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
         const std::int32_t* cols = refs.data() + tb * p.tb;
         // thresholds only rise: the lowest of tb's now stays a lower bound
         const double col_floor = *std::min_element(thr + tb * p.tb, thr + tb * p.tb + len);
+        if constexpr (std::is_same_v<T, float>) {
+            if (p.single) return visit_single(w, ta, tb, col_floor, sr.x);
+        }
         for (index_t r0 = ta * p.tb; r0 < end; r0 += kRows) {
             const index_t rows = std::min(kRows, end - r0);
             const double* v = w.block.logits.data();
-            double* colsum = diag ? nullptr : sums.data() + tb * p.tb;
-            bool fused = false;
-            if constexpr (std::is_same_v<T, float>) {
-                // float distances and no self term to drop: logits and sums
-                // from one leaf, the rows read in place (sr.x is in packed order)
-                fused = p.single && !(a.exclude_self && diag);
-                if (fused)
-                    direct_exp_sums(p.ftile(tb), ld, a.d, sr.x + r0 * a.d, rows, len, a.scale, sums.data() + r0,
-                                    colsum, w.block.logits.data(), w.block.tmax.data());
-            }
-            if (!fused) {
-                w.block.load(sr.x, r0, rows, a.d, p.shift(), nullptr, nullptr);
-                tile_logits(p, w.block, rows, tb, a.scale, a.exclude_self && diag);
-                exp_sums(v, ld, rows, len, sums.data() + r0, colsum, T{});
-            }
+            w.block.load(sr.x, r0, rows, a.d, p.shift(), nullptr, nullptr);
+            tile_logits(p, w.block, rows, tb, a.scale, a.exclude_self && diag);
+            exp_sums(v, ld, rows, len, sums.data() + r0, diag ? nullptr : sums.data() + tb * p.tb, T{});
             double top = kNegInf;
             for (index_t r = 0; r < rows; ++r) {
                 const double* vr = v + r * ld;
@@ -882,8 +933,15 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
     over_tile_rounds<Work>(
         nt, a.threads, ctl,
         [&] {
-            return Work{RowBlock(a.d, ld), RowSelect::Scratch(k), std::vector<std::int32_t>(ld),
-                        std::vector<double>(ld), std::vector<double>(ld), std::vector<std::uint32_t>(ld)};
+            return Work{RowBlock(a.d, ld),
+                        RowSelect::Scratch(k),
+                        std::vector<std::int32_t>(ld),
+                        std::vector<double>(ld),
+                        std::vector<double>(ld),
+                        std::vector<std::uint32_t>(ld),
+                        std::vector<float>(static_cast<std::size_t>(kRows * ld)),
+                        std::vector<float>(kRows),
+                        std::vector<float>(ld)};
         },
         visit, [&](index_t ta, index_t tb) { return pair_units(p, ta, tb); });
     std::vector<double> ln(static_cast<std::size_t>(n));

@@ -317,18 +317,21 @@ typedef std::int32_t v16i __attribute__((vector_size(64)));
     return q;
 }
 
-// direct_exp_sums, and with Store the logits as logits_direct writes them
-// (all ld columns, and each row's maximum over the first len).
+// direct_exp_sums, and with Store the squared distances as float (all
+// columns up to len rounded up to 32) and each row's least over the first
+// len; self0 >= 0 drops row r's term at column self0 + r (its q is 0, its
+// stored distance +inf).
 template <bool Store>
 [[gnu::always_inline]] static inline void direct_exp_sums_impl(const float* xt, index_t ld, index_t d,
                                                               const float* y, index_t rows, index_t len,
                                                               double scale, double* rowsum, double* colsum,
-                                                              double* out, double* row_max) {
+                                                              float* dist, float* row_min, index_t self0) {
     static_assert(kTileAlign % 32 == 0, "two float vectors per column block");
-    constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+    constexpr float kInf = std::numeric_limits<float>::infinity();
     constexpr index_t kBlockRows = 4;
-    const index_t cols = Store ? ld : (len + 31) / 32 * 32;  // <= ld
+    const index_t cols = (len + 31) / 32 * 32;  // <= ld
     const float ms = static_cast<float>(-scale);
+    const v16f lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     // each column's sum over the block's rows: four rows in register, in
     // row order, then added here in row-group order
     alignas(64) float cs[kMaxTile];
@@ -338,33 +341,43 @@ template <bool Store>
         const float* ys[kBlockRows];
         four_rows(y, d, r0, nr, ys);
         v16f rs[kBlockRows] = {};
-        v8d top[kBlockRows];
-        if constexpr (Store)
-            for (auto& m : top) m = v8d{} + kNegInf;
+        v16f low[kBlockRows];
+        for (auto& m : low) m = v16f{} + kInf;
         for (index_t j0 = 0; j0 < cols; j0 += 32) {
             const float* xs[1] = {xt + j0};
             v16f acc[kBlockRows][2];
             column_sums_f<kBlockRows, 2, true>(xs, ld, d, ys, acc);
+            if (self0 >= 0 && self0 + r0 + kBlockRows > j0 && self0 + r0 < j0 + 32) {
+                for (index_t r = 0; r < kBlockRows; ++r)
+                    for (int h = 0; h < 2; ++h)
+                        acc[r][h] = lane + static_cast<float>(j0 + 16 * h) == static_cast<float>(self0 + r0 + r)
+                                        ? v16f{} + kInf
+                                        : acc[r][h];
+            }
             v16f c0 = v16f{}, c1 = v16f{};
 #pragma GCC unroll 4
             for (index_t r = 0; r < kBlockRows; ++r) {
                 if (r >= nr) break;  // repeated rows (last block only)
                 if constexpr (Store) {
-                    double* o = out + (r0 + r) * ld + j0;
-                    v8d v[4];
-                    scaled16(acc[r][0], scale, v[0], v[1]);
-                    scaled16(acc[r][1], scale, v[2], v[3]);
-                    for (int i = 0; i < 4; ++i) store8(o + 8 * i, v[i]);
-                    if (row_max) fold_max(top[r], v, j0, len);
-                    if (j0 >= len) continue;
+                    float* o = dist + (r0 + r) * ld + j0;
+                    std::memcpy(o, &acc[r][0], sizeof acc[r][0]);
+                    std::memcpy(o + 16, &acc[r][1], sizeof acc[r][1]);
+                    v16f a = acc[r][0], b = acc[r][1];
+                    if (j0 + 32 > len) {
+                        a = lane + static_cast<float>(j0) < static_cast<float>(len) ? a : v16f{} + kInf;
+                        b = lane + static_cast<float>(j0 + 16) < static_cast<float>(len) ? b : v16f{} + kInf;
+                    }
+                    const v16f m = a < b ? a : b;
+                    low[r] = m < low[r] ? m : low[r];
                 }
+                // exp(-inf) of a dropped self term is exactly 0
                 const v16f q0 = exp_scaled16(acc[r][0], ms, j0, len);
                 const v16f q1 = exp_scaled16(acc[r][1], ms, j0 + 16, len);
                 rs[r] += q0 + q1;
                 c0 += q0;
                 c1 += q1;
             }
-            if (colsum && (!Store || j0 < len)) {
+            if (colsum) {
                 float* c = cs + j0;
                 std::memcpy(c, &(c0 += load16(c)), sizeof c0);
                 std::memcpy(c + 16, &(c1 += load16(c + 16)), sizeof c1);
@@ -374,8 +387,11 @@ template <bool Store>
             float s = 0;
             for (int i = 0; i < 16; ++i) s += rs[r][i];
             rowsum[r0 + r] += static_cast<double>(s);
-            if constexpr (Store)
-                if (row_max) row_max[r0 + r] = lane_max(top[r]);
+            if constexpr (Store) {
+                float m = low[r][0];
+                for (int i = 1; i < 16; ++i) m = low[r][i] < m ? low[r][i] : m;
+                row_min[r0 + r] = m;
+            }
         }
     }
     if (!colsum) return;
@@ -385,11 +401,11 @@ template <bool Store>
 
 MAPA_CLONES
 void direct_exp_sums(const float* xt, index_t ld, index_t d, const float* y, index_t rows, index_t len,
-                     double scale, double* rowsum, double* colsum, double* out, double* row_max) {
-    if (out) {
-        direct_exp_sums_impl<true>(xt, ld, d, y, rows, len, scale, rowsum, colsum, out, row_max);
+                     double scale, double* rowsum, double* colsum, float* dist, float* row_min, index_t self0) {
+    if (dist) {
+        direct_exp_sums_impl<true>(xt, ld, d, y, rows, len, scale, rowsum, colsum, dist, row_min, self0);
     } else {
-        direct_exp_sums_impl<false>(xt, ld, d, y, rows, len, scale, rowsum, colsum, nullptr, nullptr);
+        direct_exp_sums_impl<false>(xt, ld, d, y, rows, len, scale, rowsum, colsum, nullptr, nullptr, self0);
     }
 }
 
@@ -489,6 +505,58 @@ index_t columns_at_least(const double* v, index_t ld, index_t rows, index_t len,
     for (; j < len; ++j) {
         std::uint32_t bits = 0;
         for (index_t r = 0; r < rows; ++r) bits |= static_cast<std::uint32_t>(v[r * ld + j] >= thr[j]) << r;
+        cols[c] = static_cast<std::int32_t>(j);
+        masks[c] = bits;
+        c += bits != 0;
+    }
+    return c;
+}
+
+MAPA_CLONES
+index_t positions_at_most(const float* s, index_t len, float bound, std::int32_t* out) {
+    // as positions_at_least: runs of 16 with no hit skipped by one test
+    index_t c = 0, j = 0;
+    for (; j + 16 <= len; j += 16) {
+        const v16f a = load16(s + j);
+        float low = a[0];
+        for (int i = 1; i < 16; ++i) low = a[i] < low ? a[i] : low;
+        if (!(low <= bound)) continue;
+        for (index_t i = j; i < j + 16; ++i) {
+            out[c] = static_cast<std::int32_t>(i);
+            c += s[i] <= bound;
+        }
+    }
+    for (; j < len; ++j) {
+        out[c] = static_cast<std::int32_t>(j);
+        c += s[j] <= bound;
+    }
+    return c;
+}
+
+MAPA_CLONES
+index_t columns_at_most(const float* s, index_t ld, index_t rows, index_t len, const float* bound,
+                        std::int32_t* cols, std::uint32_t* masks) {
+    // as columns_at_least, sixteen columns at a time
+    typedef std::int32_t v16i_t __attribute__((vector_size(64)));
+    index_t c = 0, j = 0;
+    for (; j + 16 <= len; j += 16) {
+        const v16f t = load16(bound + j);
+        v16i_t hit = v16i_t{};
+        for (index_t r = 0; r < rows; ++r) hit |= load16(s + r * ld + j) <= t;
+        std::int32_t any = hit[0];
+        for (int i = 1; i < 16; ++i) any |= hit[i];
+        if (!any) continue;
+        v16i_t bits = v16i_t{};
+        for (index_t r = 0; r < rows; ++r) bits |= (load16(s + r * ld + j) <= t) & static_cast<std::int32_t>(1u << r);
+        for (int i = 0; i < 16; ++i) {
+            cols[c] = static_cast<std::int32_t>(j + i);
+            masks[c] = static_cast<std::uint32_t>(bits[i]);
+            c += bits[i] != 0;
+        }
+    }
+    for (; j < len; ++j) {
+        std::uint32_t bits = 0;
+        for (index_t r = 0; r < rows; ++r) bits |= static_cast<std::uint32_t>(s[r * ld + j] <= bound[j]) << r;
         cols[c] = static_cast<std::int32_t>(j);
         masks[c] = bits;
         c += bits != 0;

@@ -59,13 +59,15 @@ void logits_visits(const float* const* xt, index_t ld, index_t d, const float* c
 // single precision; rowsum[r] += sum_{j < len} q_rj (each row's sum over the
 // tile in float) and, unless colsum is null, colsum[j] += sum_{r < rows} q_rj
 // (over the rows in float), both added in double. rows <= 16 is not
-// required; len <= min(ld, kMaxTile). Unless out is null, the logits are
-// also written there and to row_max (unless null) each row's maximum, as
-// logits_direct(xt, ld, ld, d, y, rows, scale, out, len, row_max) writes
-// them.
+// required; len <= min(ld, kMaxTile). Unless dist is null, the squared
+// distances (s, in float, as logits_direct sums them: its logit is
+// double(s) * -scale) are also written to dist[r * ld + j] for the columns
+// j < len (rounded up to 32) and each row's least over j < len to
+// row_min[r]. self0 >= 0 drops row r's term at column self0 + r: no
+// exponential, and distance +inf (the diagonal with exclude_self).
 void direct_exp_sums(const float* xt, index_t ld, index_t d, const float* y, index_t rows, index_t len,
-                     double scale, double* rowsum, double* colsum, double* out = nullptr,
-                     double* row_max = nullptr);
+                     double scale, double* rowsum, double* colsum, float* dist = nullptr, float* row_min = nullptr,
+                     index_t self0 = -1);
 
 // The same q_rj for every column j < ld (padding included), written to
 // q[r * qld + j].
@@ -85,6 +87,13 @@ index_t positions_at_least(const double* v, index_t len, double thr, std::int32_
 // for len entries).
 index_t columns_at_least(const double* v, index_t ld, index_t rows, index_t len, const double* thr,
                          std::int32_t* cols, std::uint32_t* masks);
+
+// Float squared-distance forms of the two scans above: the positions
+// j < len with s[j] <= bound, and the columns j < len at which some row r
+// has s[r * ld + j] <= bound[j] (with its row mask).
+index_t positions_at_most(const float* s, index_t len, float bound, std::int32_t* out);
+index_t columns_at_most(const float* s, index_t ld, index_t rows, index_t len, const float* bound,
+                        std::int32_t* cols, std::uint32_t* masks);
 
 // out[b] = max of v[16 b .. 16 b + 16) clipped to len; returns the block count.
 index_t block_max16(const double* v, index_t len, double* out);
