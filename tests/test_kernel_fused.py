@@ -1,13 +1,14 @@
-"""The cpp kernel's fused float32 leaves on problems of many tiles.
+"""The cpp kernel's fused leaves on problems of many tiles.
 
-For float32 data the cpp kernel computes a tile's squared distances, the
-exponentials and their row and column sums in one leaf, without storing the
-logits (normaliser, the targets' two passes, and top-k's sums, which also
-stores them for the selection). Only pairs of different tiles, or the
-diagonal without exclude_self, take it; the tests' usual problems fit in one
-tile. Here the tiles are ragged: a tile shorter than its stride (masked
-lanes in the last column block) and a last tile whose rows end part-way
-through a group of four, against the float64 reference.
+With the queries the references, the cpp kernel computes a tile's squared
+distances, the exponentials and their row and column sums in one leaf,
+without storing the logits: for float32 data the normaliser, the targets'
+two passes and top-k (which keeps each pair's float squared distance for
+its selection), for float64 data the normaliser. A dropped self term
+(exclude_self) is masked inside the leaf. The tests' usual problems fit in
+one tile. Here the tiles are ragged: a tile shorter than its stride (masked
+lanes in the last column block) and tiles whose rows end part-way through a
+group of four, against the float64 reference.
 """
 
 from __future__ import annotations
@@ -44,26 +45,28 @@ CASES = [(203, 3, 42), (310, 16, 54), (1500, 2, None)]
 @pytest.mark.parametrize("n, d, block_size", CASES)
 @pytest.mark.parametrize("exclude_self", [False, True])
 @pytest.mark.parametrize("num_threads", [1, 2])
-def test_fused_leaves_match_float64_reference(n, d, block_size, exclude_self, num_threads):
-    X = make_data(n, d, dtype=F32, seed=n + d)
+@pytest.mark.parametrize("dtype", [F32, np.float64])
+def test_fused_leaves_match_float64_reference(n, d, block_size, exclude_self, num_threads, dtype):
+    X = make_data(n, d, dtype=dtype, seed=n + d)
     # a bandwidth at which every row has many terms above the floor
     h = 0.5 * float(np.sqrt(d))
     kw = dict(bandwidth=h, exclude_self=exclude_self, block_size=block_size, num_threads=num_threads, backend="cpp")
     ref = ref_log_normalizer(X, X, h, exclude_self)
     lnorm = mapa.log_normalizer(X, **kw)
-    assert_lognorm_close(lnorm, ref, F32)
+    assert_lognorm_close(lnorm, ref, dtype)
     for k in (9, 70):
         top = mapa.log_posterior_topk(X, k=k, **kw)
-        check_topk(top, X, X, h, k, F32, exclude_self)
-    check_targets(mapa.posterior_targets(X, **kw), X, h, F32, exclude_self)
-    assert_logq_close(mapa.log_posterior(X, **kw), ref_log_posterior(X, X, h, exclude_self), F32)
+        check_topk(top, X, X, h, k, dtype, exclude_self)
+    check_targets(mapa.posterior_targets(X, **kw), X, h, dtype, exclude_self)
+    assert_logq_close(mapa.log_posterior(X, **kw), ref_log_posterior(X, X, h, exclude_self), dtype)
 
 
 @pytest.mark.parametrize("exclude_self", [False, True])
-def test_fused_leaves_bit_identical_across_threads(exclude_self):
+@pytest.mark.parametrize("dtype", [F32, np.float64])
+def test_fused_leaves_bit_identical_across_threads(exclude_self, dtype):
     # Each tile's pairs run in one fixed order whatever the thread count, so
     # the fused sums, and every output built on them, are the same bits.
-    X = make_data(203, 3, dtype=F32, seed=4)
+    X = make_data(203, 3, dtype=dtype, seed=4)
     kw = dict(bandwidth=0.8, exclude_self=exclude_self, block_size=42, backend="cpp")
 
     def run(num_threads):

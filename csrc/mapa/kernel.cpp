@@ -604,6 +604,12 @@ void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& c
                 }
             }
             b.load(x, r0, rows, a.d, p.shift(), nullptr, nullptr);
+            if (!p.single && !p.expand) {
+                // float64 distances by differences: the double fused leaf
+                direct_exp_sums(p.tile(tb), p.ld, a.d, b.y.data(), rows, p.len(tb), a.scale, sums.data() + r0,
+                                colsum, a.exclude_self && ta == tb ? r0 - tb * p.tb : -1);
+                return;
+            }
             tile_logits(p, b, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
             exp_sums(b.logits.data(), p.ld, rows, p.len(tb), sums.data() + r0, colsum, T{});
         });

@@ -159,6 +159,101 @@ void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const 
     }
 }
 
+// exp_nonpos (exp.hpp, double) on eight lanes: the same operations in the
+// same order, so a lane's result is the scalar function's, bit for bit.
+typedef std::int64_t v8l64 __attribute__((vector_size(64)));
+[[gnu::always_inline]] static inline v8d exp8(v8d x) {
+    constexpr double kLog2e = 1.4426950408889634074;
+    constexpr double kLn2Hi = 6.93147180369123816490e-01;
+    constexpr double kLn2Lo = 1.90821492927058770002e-10;
+    constexpr double kShift = 6755399441055744.0;
+    constexpr double kLowest = -708.0;
+    const v8d xc = x < kLowest ? v8d{} + kLowest : x;
+    const v8d t = xc * kLog2e + kShift;
+    const v8d kf = t - kShift;
+    v8d r = xc - kf * kLn2Hi;
+    r = r - kf * kLn2Lo;
+    v8d p = v8d{} + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    v8l64 tb;
+    std::memcpy(&tb, &t, sizeof tb);
+    const v8l64 bits = (tb - std::int64_t(0x4338000000000000) + 1023) << 52;
+    v8d scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    const v8d y = p * scale;
+    return x < kLowest ? v8d{} : y;
+}
+
+MAPA_CLONES
+void direct_exp_sums(const double* xt, index_t ld, index_t d, const double* y, index_t rows, index_t len,
+                     double scale, double* rowsum, double* colsum, index_t self0) {
+    // As the float leaf, in double: logits_direct's distances and logits,
+    // exp_nonpos on eight lanes, each row's sum over the tile and each
+    // column's over the block's rows (four in register, then in row-group
+    // order), then added to the sums.
+    static_assert(kTileAlign % 16 == 0, "two vectors per column block");
+    constexpr double kInf = std::numeric_limits<double>::infinity();
+    constexpr index_t kBlockRows = 4;
+    const index_t cols = (len + 15) / 16 * 16;  // <= ld
+    const v8d lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    alignas(64) double cs[kMaxTile];
+    if (colsum) std::memset(cs, 0, sizeof(double) * static_cast<std::size_t>(cols));
+    for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+        const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
+        const double* ys[kBlockRows];
+        four_rows(y, d, r0, nr, ys);
+        v8d rs[kBlockRows] = {};
+        for (index_t j0 = 0; j0 < cols; j0 += 16) {
+            const double* xs[1] = {xt + j0};
+            v8d acc[kBlockRows][2];
+            column_sums<kBlockRows, false, true>(xs, ld, d, ys, acc);
+            if (self0 >= 0 && self0 + r0 + kBlockRows > j0 && self0 + r0 < j0 + 16) {
+                for (index_t r = 0; r < kBlockRows; ++r)
+                    for (int h = 0; h < 2; ++h)
+                        acc[r][h] = lane + static_cast<double>(j0 + 8 * h) == static_cast<double>(self0 + r0 + r)
+                                        ? v8d{} + kInf
+                                        : acc[r][h];
+            }
+            v8d c0 = v8d{}, c1 = v8d{};
+#pragma GCC unroll 4
+            for (index_t r = 0; r < kBlockRows; ++r) {
+                if (r >= nr) break;  // repeated rows (last block only)
+                v8d q0 = exp8(acc[r][0] * -scale), q1 = exp8(acc[r][1] * -scale);
+                if (j0 + 16 > len) {
+                    q0 = lane + static_cast<double>(j0) < static_cast<double>(len) ? q0 : v8d{};
+                    q1 = lane + static_cast<double>(j0 + 8) < static_cast<double>(len) ? q1 : v8d{};
+                }
+                rs[r] += q0 + q1;
+                c0 += q0;
+                c1 += q1;
+            }
+            if (colsum) {
+                store8(cs + j0, load8(cs + j0) + c0);
+                store8(cs + j0 + 8, load8(cs + j0 + 8) + c1);
+            }
+        }
+        for (index_t r = 0; r < nr; ++r) {
+            double s = 0;
+            for (int i = 0; i < 8; ++i) s += rs[r][i];
+            rowsum[r0 + r] += s;
+        }
+    }
+    if (!colsum) return;
+#pragma omp simd
+    for (index_t j = 0; j < len; ++j) colsum[j] += cs[j];
+}
+
 MAPA_CLONES
 void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t cols, index_t d,
                    const double* y, const double* ynorm, index_t rows, double scale, double* out) {

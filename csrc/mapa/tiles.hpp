@@ -69,6 +69,12 @@ void direct_exp_sums(const float* xt, index_t ld, index_t d, const float* y, ind
                      double scale, double* rowsum, double* colsum, float* dist = nullptr, float* row_min = nullptr,
                      index_t self0 = -1);
 
+// The double-precision form for float64 problems (direct path): the
+// distances and logits as logits_direct(double) computes them, the
+// exponentials (exp_nonpos, double) and both sums in double; self0 as above.
+void direct_exp_sums(const double* xt, index_t ld, index_t d, const double* y, index_t rows, index_t len,
+                     double scale, double* rowsum, double* colsum, index_t self0);
+
 // The same q_rj for every column j < ld (padding included), written to
 // q[r * qld + j].
 void direct_exp(const float* xt, index_t ld, index_t d, const float* y, index_t rows, double scale, float* q,
