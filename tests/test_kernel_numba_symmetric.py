@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 
 import mapa
-from kernel_reference import BACKENDS, DTYPES, check_targets, check_topk, make_clusters, make_data, to_numpy
+from kernel_reference import (
+    BACKENDS,
+    DTYPES,
+    assert_lognorm_close,
+    check_targets,
+    check_topk,
+    make_clusters,
+    make_data,
+    ref_log_normalizer,
+    to_numpy,
+)
 
 pytestmark = pytest.mark.skipif("numba" not in BACKENDS, reason="the numba backend is not available")
 
@@ -54,6 +64,8 @@ def test_self_queries_bit_identical_across_threads(dtype, exclude_self):
     # terms in one order whatever the thread count: the same bits on 1, 2
     # and 3 threads (capped at Numba's pool), default tiles and tiles of 32.
     X = make_data(700, 3, dtype=dtype, seed=13)
+    # float32 data takes the single-precision normaliser (and targets' first pass)
+    assert nb._float_distances(X, 1.0 / (2 * 0.3**2)) == (dtype == np.float32)
     for block_size in (None, 32):
         base = _all_outputs(X, 9, exclude_self=exclude_self, block_size=block_size, num_threads=1)
         for num_threads in (2, 3):
@@ -131,3 +143,109 @@ def test_targets_rows_left_to_the_one_sided_pass(monkeypatch, dtype, exclude_sel
     check_targets(rest, X, h, dtype, exclude_self)
     for a, b in zip(rest, sym):
         np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-10 if dtype == np.float64 else 1e-5, atol=1e-12)
+
+
+def _spy(monkeypatch, name):
+    """Record the calls of the module-level function nb.<name> (looked up at call time)."""
+    calls = []
+    fn = getattr(nb, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(nb, name, spy)
+    return calls
+
+
+F32 = np.float32
+
+# (n, d, block_size): 203 points in tiles of 42 (a tile's rows flush their
+# float32 column sums after 16, 32 and 42 rows) and a last tile of 35 (a
+# lone last row); 310 in tiles of 54, d = 16; 157 in tiles of 25 (seven
+# tiles, a bye in every round), d = 32, the most features the path takes;
+# 1500 with the default tiles.
+SINGLE_CASES = [(203, 3, 42), (310, 16, 54), (157, 32, 25), (1500, 2, None)]
+
+
+@pytest.mark.parametrize("n, d, block_size", SINGLE_CASES)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_single_precision_normaliser_matches_float64_reference(monkeypatch, n, d, block_size, exclude_self):
+    # float32 input with D <= 32: the symmetric normaliser in float32
+    # (_sums_rounds_f), within the float32 tolerances of the float64
+    # reference, the same bits on 1 and 2 threads; the targets take it for
+    # their first pass.
+    X = make_data(n, d, dtype=F32, seed=n + d)
+    h = 0.5 * float(np.sqrt(d))
+    assert nb._float_distances(X, 1.0 / (2 * h * h))
+    calls = _spy(monkeypatch, "_sums_rounds_f")
+    kw = dict(bandwidth=h, exclude_self=exclude_self, block_size=block_size, backend="numba")
+    ref = ref_log_normalizer(X, X, h, exclude_self)
+    base = mapa.log_normalizer(X, num_threads=1, **kw)
+    assert base.dtype == F32 and calls
+    assert_lognorm_close(base, ref, F32)
+    np.testing.assert_array_equal(mapa.log_normalizer(X, num_threads=2, **kw), base)
+    check_targets(mapa.posterior_targets(X, **kw), X, h, F32, exclude_self)
+
+
+@pytest.mark.parametrize("gap", [50.0, 75.0, 95.0])
+def test_single_precision_isolated_point(monkeypatch, gap):
+    # With exclude_self, a point whose nearest neighbour's logit is -gap has
+    # a row sum of about e^-gap. Above N * 2^-100 (gap 50) the float32 sums
+    # stand; below (gap 75; gap 95 is past float32 exp's floor of e^-87,
+    # the sum is 0) the normaliser is redone in float64, row by row.
+    h = 0.1
+    X = make_clusters(200, 3, h, dtype=F32, seed=3)
+    top = int(np.argmax(X[:, 0]))
+    far = X[top].astype(np.float64)
+    far[0] += np.sqrt(gap * 2 * h * h)  # every other point is further away
+    X = np.vstack([X, far[None, :].astype(F32)])
+    assert nb._float_distances(X, 1.0 / (2 * h * h))
+    redo = _spy(monkeypatch, "_run_rows")
+    ref = ref_log_normalizer(X, X, h, exclude_self=True)
+    assert ref[-1] < -gap + 1.0
+    for block_size in (32, None):
+        out = mapa.log_normalizer(X, bandwidth=h, exclude_self=True, block_size=block_size, backend="numba")
+        assert_lognorm_close(out, ref, F32)
+    assert bool(redo) == (gap > 64.0)
+
+
+@pytest.mark.parametrize("case", ["overflow", "subnormal"])
+def test_single_precision_fallback(monkeypatch, case):
+    # float32 input whose squared distances would overflow float32
+    # (coordinates ~1e19, and a bandwidth at which those pairs count) or
+    # reach its subnormal range (coordinates ~1e-20, scale > 1e30) keeps
+    # the float64 normaliser, and is exact to the float32 tolerances.
+    rng = np.random.default_rng(11)
+    spread, h = (1e19, 5e19) if case == "overflow" else (1e-20, 3e-20)
+    X = (spread * rng.standard_normal((150, 2))).astype(F32)
+    assert not nb._float_distances(X, 1.0 / (2 * h * h))
+    calls = _spy(monkeypatch, "_sums_rounds_f")
+    kw = dict(bandwidth=h, block_size=32, backend="numba")
+    for exclude_self in (False, True):
+        ref = ref_log_normalizer(X, X, h, exclude_self)
+        assert_lognorm_close(mapa.log_normalizer(X, exclude_self=exclude_self, **kw), ref, F32)
+        check_targets(mapa.posterior_targets(X, exclude_self=exclude_self, **kw), X, h, F32, exclude_self)
+    assert not calls
+    if case == "overflow":
+        # the float32 path forced: pairs whose squared distance overflows are lost
+        monkeypatch.setattr(nb, "_float_distances", lambda X, scale: True)
+        bad = mapa.log_normalizer(X, **kw)
+        assert calls and np.abs(bad - ref_log_normalizer(X, X, h)).max() > 0.1
+
+
+def test_float_distances_rule():
+    # The cpp kernel's float_distances: float32, D <= 32, scale <= 1e30 and
+    # every coordinate strictly below float32(4e18 / sqrt(D)) in magnitude.
+    D = 4
+    limit = np.float32(4e18 / np.sqrt(D))
+    X = np.zeros((3, D), dtype=F32)
+    X[1, 2] = -np.nextafter(limit, F32(0))
+    assert nb._float_distances(X, 1.0)
+    assert nb._float_distances(X, 1e30)
+    assert not nb._float_distances(X, np.nextafter(1e30, np.inf))
+    assert not nb._float_distances(X.astype(np.float64), 1.0)
+    X[1, 2] = -limit
+    assert not nb._float_distances(X, 1.0)
+    assert nb._float_distances(np.zeros((3, 32), dtype=F32), 1.0)
+    assert not nb._float_distances(np.zeros((3, 33), dtype=F32), 1.0)

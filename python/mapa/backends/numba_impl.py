@@ -1,8 +1,9 @@
 """Numba backend: tiled distances, streaming log-sum-exp, heap top-k, targets.
 
 Same contract as :mod:`mapa.backends.numpy_ref` (see the package docstring).
-All arithmetic is float64 whatever the input dtype: the references are copied
-once into a transposed float64 array ``XT`` (D, N), so that the squared
+All arithmetic is float64 whatever the input dtype, except the symmetric
+normaliser of float32 input (single precision, below): the references are
+copied once into a transposed float64 array ``XT`` (D, N), so that the squared
 distances of a query to a tile of references form a contiguous loop over the
 references (explicit differences, no ||x||^2 + ||y||^2 - 2 x.y expansion).
 Queries go in pairs, sharing each load of ``XT``.
@@ -26,6 +27,20 @@ float64. Arguments below -708 give exactly 0 (also -inf, the excluded self
 term). Fast-math is limited to 'contract' (FMA) for the arithmetic and
 'reassoc' for the plain reductions; no 'nnan'/'ninf' anywhere.
 
+Single precision: the symmetric normaliser (``log_normalizer`` with the
+queries the references, the first pass of ``targets``) of float32 input with
+D <= 32 runs in float32 as the cpp kernel does, where the squared distances
+can neither overflow float32 nor lose digits that matter to its subnormal
+range (the cpp rule, ``_float_distances``; anything else keeps float64).
+``XT`` and the rows are then float32, each squared distance is summed in
+float32 from explicit differences, multiplied by -scale in float32, and
+``exp`` is the float counterpart (``k`` rounded by adding and subtracting
+1.5 * 2^23, a degree-6 Taylor polynomial, ~1.2e-7 relative, ``2^k`` as the
+int32 bits ``(k + 127) << 23``; arguments below -87 give 0). Each row's
+terms are summed over one tile, and each column's over 16 rows, in float32;
+those partial sums go into the float64 sums. Twice the SIMD width of
+float64, and half the bytes.
+
 Top-k keeps a bounded max-heap per row on (distance, index), so ties in
 distance go to the lower index; the reference sorts by log-probability, which
 can differ only where two distinct distances round to the same float64 logit.
@@ -48,7 +63,8 @@ at least 4 tiles per pool thread, so small problems parallelise).
   top-k): sums of exp(-scale d), each term added to its row and its column,
   no running minimum (every logit is <= 0, the self term is 0). With
   exclude_self, a row sum near exp's floor (an isolated point) makes the
-  whole normaliser be redone row by row, with the streaming minimum.
+  whole normaliser be redone row by row, with the streaming minimum (in
+  float64, also after the single-precision pass, whose floor is e^-87).
 - ``targets``: e = exp(-scale d) once per pair; with V[:, n] = u_n / Z_n,
   u_n = (1, x_n, ||x_n||^2), row i gathers e V[:, n] and column n receives
   e V[:, i], all in one (D + 2, N) accumulator. e <= 1, and where
@@ -71,7 +87,8 @@ over the pairs of a round for the symmetric ones. Large problems are cut
 into calls of bounded work (about 0.1 s each: chunks of rows, or runs of
 rounds or of a round's pairs), between which ``progress`` is called and
 Ctrl-C is seen. Compiled signatures: the row kernel for a float64 and a
-float32 dense output, the other kernels once (all cached on disk).
+float32 dense output, the other kernels once, and the single-precision
+normaliser ``_sums_rounds_f`` on first float32 use (all cached on disk).
 """
 
 from __future__ import annotations
@@ -105,6 +122,30 @@ _C2 = 0.5000000000000019
 _C1 = 1.0
 _C0 = 1.0
 _INF_BITS = 0x7FF0000000000000  # bit pattern of +inf as int64
+
+# The single-precision normaliser (see _float_distances): csrc/mapa/exp.hpp's
+# float exp_nonpos. Every constant is an np.float32, which Numba keeps as
+# float32; a Python float would promote the arithmetic to float64.
+_F32_MAX_FEATURES = 32  # the cpp kernel's kDirectMaxFeatures
+_LOG2E_F = np.float32(1.44269504)
+_LN2_HI_F = np.float32(0.693359375)  # 9 significant bits: k * _LN2_HI_F is exact for |k| <= 126
+_LN2_LO_F = np.float32(-2.12194440e-4)
+_SHIFT_F = np.float32(12582912.0)  # 1.5 * 2^23: (x + _SHIFT_F) - _SHIFT_F is x rounded to an integer
+_EXP_MIN_F = np.float32(-87.0)  # below this exp(x) is set to 0 (2^k stays a normal number)
+_EXP_FLOOR_F = -88.0  # a row whose largest logit is below this has every float32 term 0 (margin for rounding)
+# exp(r) on [-ln2/2, ln2/2]: Taylor polynomial of degree 6 (~1.2e-7 relative, about one float ulp)
+_E6 = np.float32(1.0) / np.float32(720.0)
+_E5 = np.float32(1.0) / np.float32(120.0)
+_E4 = np.float32(1.0) / np.float32(24.0)
+_E3 = np.float32(1.0) / np.float32(6.0)
+_E2 = np.float32(0.5)
+_E1 = np.float32(1.0)
+_E0 = np.float32(1.0)
+_ZERO_F = np.float32(0.0)
+_INF_BITS_F = np.int32(0x7F800000)  # bit pattern of +inf as int32
+_BIAS_F = np.int32(127)
+_MANT_F = np.int32(23)
+_COL_ROWS = 16  # rows (even) whose column terms are summed in float32 before the float64 sums
 
 _QUERY_BLOCK = 32  # query rows per parallel task (upper bound)
 _CHUNK_WORK = 1 << 29  # pairs * (8 + D) per chunk: ~0.1 s, so Ctrl-C is seen quickly
@@ -600,6 +641,75 @@ def _scatter_sums(e, nb, UT, ia, ib, acc, j0):
             a3[j] += x * ua3 + y * ub3
 
 
+# single-precision counterparts (float32 input on the symmetric normaliser)
+
+
+@njit(cache=True, nogil=True)
+def _min_dist_f(d2i, nb, bits, bitsf):
+    """_min_dist for float32 distances, given as their int32 bit patterns."""
+    mn = _INF_BITS_F
+    for j in range(nb):
+        v = d2i[j]
+        mn = v if v < mn else mn
+    bits[0] = mn
+    return bitsf[0]
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _exp_terms_f(d2, nb, ms, p, ik):
+    """exp(ms * d2[j]) = p[j] * 2^k in float32, with 2^k as float32 bits in ik[j] (int32).
+
+    The float32 _exp_terms: ms = -scale as a float32, Cody-Waite reduction
+    with k rounded by adding and subtracting 1.5 * 2^23, a degree-6 Taylor
+    polynomial. Arguments below -87, -inf included, give p[j] = 0.
+    """
+    for j in range(nb):
+        x = ms * d2[j]
+        ok = x >= _EXP_MIN_F
+        xc = x if ok else _EXP_MIN_F
+        t = xc * _LOG2E_F + _SHIFT_F
+        kf = t - _SHIFT_F
+        r = xc - kf * _LN2_HI_F
+        r = r - kf * _LN2_LO_F
+        q = _E6 * r + _E5
+        q = q * r + _E4
+        q = q * r + _E3
+        q = q * r + _E2
+        q = q * r + _E1
+        q = q * r + _E0
+        p[j] = q if ok else _ZERO_F
+        ik[j] = (np.int32(kf) + _BIAS_F) << _MANT_F
+
+
+@njit(cache=True, nogil=True, fastmath=_FM_SUM)
+def _sum_terms_f(p, f, nb):
+    """sum_j p[j] f[j] in float32 (the row's sum over one tile)."""
+    s = _ZERO_F
+    for j in range(nb):
+        s += p[j] * f[j]
+    return s
+
+
+@njit(cache=True, nogil=True, fastmath=_FM_SUM)
+def _sum_add_terms_f(p, f, nb, cs):
+    """_sum_terms_f, each term p[j] f[j] also added to the float32 column sum cs[j]."""
+    s = _ZERO_F
+    for j in range(nb):
+        e = p[j] * f[j]
+        s += e
+        cs[j] += e
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _flush_cols(cs, nb, acc, j0):
+    """acc[j0 + j] += cs[j] (float32 partial sums into float64), then cs[j] = 0."""
+    a = acc[j0 : j0 + nb]
+    for j in range(nb):
+        a[j] += cs[j]
+        cs[j] = _ZERO_F
+
+
 @njit(cache=True, nogil=True, fastmath=_FM)
 def _add_terms(p, f, nb, acc, j0):
     """acc[j0 + j] += p[j] * f[j]: the column sums of the symmetric normaliser."""
@@ -808,6 +918,45 @@ def _sums_rounds(XT, X, scale, excl, tile, nt, r0, r1, s0, s1, sums):
                     sums[ip + h] += _sum_terms(p, f, nb)
                     if not diag:
                         _add_terms(p, f, nb, sums, j0)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _sums_rounds_f(XT, X, scale, excl, tile, nt, r0, r1, s0, s1, sums):
+    """_sums_rounds in single precision, for float32 XT and X (see _float_distances).
+
+    Squared distances, exponentials and each row's sum over the tile in
+    float32, added to the float64 sums; a column's terms are summed in
+    float32 over _COL_ROWS rows at a time, then added likewise. The order of
+    every sum is fixed by the tiles alone, as in _sums_rounds.
+    """
+    N = XT.shape[1]
+    ms = np.float32(-scale)
+    for r in range(r0, r1):
+        for s in prange(s0, _round_slots(nt, r, s1)):
+            ta, tb, i0, i1, j0, nb = _pair_span(nt, r, s, tile, N)
+            if ta < 0:
+                continue
+            diag = ta == tb
+            dbuf = np.empty((2, tile), dtype=np.float32)
+            ibuf = dbuf.view(np.int32)
+            p = np.empty(tile, dtype=np.float32)
+            ik = np.empty(tile, dtype=np.int32)
+            f = ik.view(np.float32)
+            bits = np.empty(1, dtype=np.int32)
+            bitsf = bits.view(np.float32)
+            cs = np.zeros(tile, dtype=np.float32)
+            for ip in range(i0, i1, 2):
+                _ref_pair_dists(XT, X, ip, i1, j0, nb, excl and diag, dbuf)
+                for h in range(min(2, i1 - ip)):
+                    if -scale * _min_dist_f(ibuf[h], nb, bits, bitsf) < _EXP_FLOOR_F:
+                        continue  # every term is exp(< -87) = 0
+                    _exp_terms_f(dbuf[h], nb, ms, p, ik)
+                    if diag:
+                        sums[ip + h] += _sum_terms_f(p, f, nb)
+                    else:
+                        sums[ip + h] += _sum_add_terms_f(p, f, nb, cs)
+                if not diag and ((ip - i0) % _COL_ROWS == _COL_ROWS - 2 or ip + 2 >= i1):
+                    _flush_cols(cs, nb, sums, j0)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -1112,47 +1261,75 @@ def _log_norm(dmin, logs, scale, dtype):
 
 # A row sum (exclude_self) below N * 2^-960 may have lost terms under exp's
 # floor of e^-708 that the streaming minimum would keep: such problems are
-# redone row by row.
+# redone row by row. In single precision the floor is e^-87 and the bound
+# N * 2^-100 (lost terms below 2^-25 of the sum).
 _SELF_SUM_FLOOR = 2.0**-960
+_SELF_SUM_FLOOR_F = 2.0**-100
 
 
-def _from_self_sums(sums, X64, XT, scale, exclude_self, block_size, num_threads):
+def _float_distances(X, scale) -> bool:
+    """Whether the symmetric normaliser of X runs in single precision (_sums_rounds_f).
+
+    The cpp kernel's rule (float_distances in csrc/mapa/kernel.cpp): float32
+    input with at most _F32_MAX_FEATURES features, every coordinate below
+    4e18 / sqrt(D) in magnitude (no squared distance overflows float32), and
+    scale <= 1e30 (float32's subnormal spacing 2^-149 then moves a logit by
+    under 1e-14 D). Anything else keeps float64.
+    """
+    D = X.shape[1]
+    if X.dtype != np.float32 or D > _F32_MAX_FEATURES or not float(scale) <= 1e30:
+        return False
+    return bool(np.abs(X).max() < np.float32(4e18 / math.sqrt(D)))
+
+
+def _from_self_sums(sums, X64, XT, scale, exclude_self, block_size, num_threads, floor=_SELF_SUM_FLOOR):
     """(dmin, logs) from the symmetric row sums of exp(-scale d).
 
     The log of the row sum is exact because every logit is <= 0 (the self
     term is 0). It goes to logs, with dmin = 0, where it is >= 0 (always,
     unless exclude_self), else to dmin = -log(sum) / scale with logs = 0:
     the targets pass needs logs >= 0 to bound log q by its tile test. With
-    exclude_self and a row sum near the exponential's floor, the one-sided
-    pass (streaming minimum) is run instead, without progress reports (they
-    would go backwards).
+    exclude_self and a row sum near the exponential's floor (below
+    N * floor), the one-sided pass (streaming minimum, float64) is run
+    instead, without progress reports (they would go backwards).
     """
     N = X64.shape[0]
-    if exclude_self and sums.min() < N * _SELF_SUM_FLOOR:
+    if exclude_self and sums.min() < N * floor:
         return _run_rows(XT, X64, scale, exclude_self, block_size, num_threads, None, 0, _NO_DENSE, _NO_IDX, _NO_DENSE)
     ln = np.log(sums)
     neg = ln < 0.0
     return np.where(neg, -ln / float(scale), 0.0), np.where(neg, 0.0, ln)
 
 
-def _self_log_norm(X64, XT, scale, exclude_self, block_size, num_threads, progress):
-    """(dmin, logs) of every point as its own query, each unordered pair once (_sums_rounds)."""
+def _self_log_norm(X, X64, XT, scale, exclude_self, block_size, num_threads, progress):
+    """(dmin, logs) of every point as its own query, each unordered pair once.
+
+    X is the input (its dtype picks the precision, see _float_distances),
+    X64 and XT its float64 copies: _sums_rounds_f on float32 copies, or
+    _sums_rounds on X64 and XT.
+    """
     N, D = X64.shape
     tile = _pair_tile(N, D, block_size)
     sums = np.zeros(N)
+    if _float_distances(X, scale):
+        Xk = np.ascontiguousarray(X, dtype=np.float32)
+        XTk = np.ascontiguousarray(Xk.T)
+        kernel, floor = _sums_rounds_f, _SELF_SUM_FLOOR_F
+    else:
+        Xk, XTk, kernel, floor = X64, XT, _sums_rounds, _SELF_SUM_FLOOR
 
     def run(nt, r0, r1, s0, s1):
-        _sums_rounds(XT, X64, float(scale), bool(exclude_self), tile, nt, r0, r1, s0, s1, sums)
+        kernel(XTk, Xk, float(scale), bool(exclude_self), tile, nt, r0, r1, s0, s1, sums)
 
     with _Threads(num_threads) as threads:
         _over_rounds(N, D, tile, threads, run, progress)
-    return _from_self_sums(sums, X64, XT, scale, exclude_self, block_size, num_threads)
+    return _from_self_sums(sums, X64, XT, scale, exclude_self, block_size, num_threads, floor)
 
 
 def log_normalizer(X, Y, scale, exclude_self, block_size=0, num_threads=1, progress=None):
     X64, XT, Y64 = _as_f64(X, Y)
     if Y64 is X64:
-        dmin, logs = _self_log_norm(X64, XT, scale, exclude_self, block_size, num_threads, progress)
+        dmin, logs = _self_log_norm(X, X64, XT, scale, exclude_self, block_size, num_threads, progress)
     else:
         dmin, logs = _run_rows(
             XT, Y64, scale, exclude_self, block_size, num_threads, progress, 0, _NO_DENSE, _NO_IDX, _NO_DENSE
@@ -1257,7 +1434,7 @@ def targets(X, scale, exclude_self, block_size=0, num_threads=1, progress=None):
     total = 2 * N
     # pass 1: normaliser of every row n (progress 0 .. N)
     dmin, logs = _self_log_norm(
-        X64, XT, scale, exclude_self, block_size, num_threads,
+        X, X64, XT, scale, exclude_self, block_size, num_threads,
         None if progress is None else (lambda done, _total: progress(done, total)),
     )
     # pass 2: the sums, each unordered pair once (progress N .. 2N), with
