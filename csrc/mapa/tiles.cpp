@@ -6,11 +6,12 @@
 #include <limits>
 #include <vector>
 
-#include "exp.hpp"
-
-// v8d values passed between always-inline helpers never cross a real call,
-// so the note that their ABI differs between clones does not apply.
+// v8d values passed between always-inline helpers (and exp.hpp's vector
+// forms) never cross a real call, so the note that their ABI differs
+// between clones does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
+
+#include "exp.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MAPA_NO_CLONES)
 #define MAPA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -159,41 +160,9 @@ void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const 
     }
 }
 
-// exp_nonpos (exp.hpp, double) on eight lanes: the same operations in the
-// same order, so a lane's result is the scalar function's, bit for bit.
+// exp_nonpos (exp.hpp, double) on eight lanes: lane by lane the scalar's bits.
 typedef std::int64_t v8l64 __attribute__((vector_size(64)));
-[[gnu::always_inline]] static inline v8d exp8(v8d x) {
-    constexpr double kLog2e = 1.4426950408889634074;
-    constexpr double kLn2Hi = 6.93147180369123816490e-01;
-    constexpr double kLn2Lo = 1.90821492927058770002e-10;
-    constexpr double kShift = 6755399441055744.0;
-    constexpr double kLowest = -708.0;
-    const v8d xc = x < kLowest ? v8d{} + kLowest : x;
-    const v8d t = xc * kLog2e + kShift;
-    const v8d kf = t - kShift;
-    v8d r = xc - kf * kLn2Hi;
-    r = r - kf * kLn2Lo;
-    v8d p = v8d{} + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    v8l64 tb;
-    std::memcpy(&tb, &t, sizeof tb);
-    const v8l64 bits = (tb - std::int64_t(0x4338000000000000) + 1023) << 52;
-    v8d scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    const v8d y = p * scale;
-    return x < kLowest ? v8d{} : y;
-}
+[[gnu::always_inline]] static inline v8d exp8(v8d x) { return exp_nonpos_f64<v8d, v8l64>(x); }
 
 MAPA_CLONES
 void direct_exp_sums(const double* xt, index_t ld, index_t d, const double* y, index_t rows, index_t len,
@@ -371,35 +340,9 @@ void logits_direct(const float* xt, index_t ld, index_t cols, index_t d, const f
     }
 }
 
-// exp_nonpos (exp.hpp, float) on sixteen lanes: the same operations in the
-// same order, so a lane's result is the scalar function's, bit for bit.
+// exp_nonpos (exp.hpp, float) on sixteen lanes: lane by lane the scalar's bits.
 typedef std::int32_t v16i __attribute__((vector_size(64)));
-[[gnu::always_inline]] static inline v16f exp16(v16f x) {
-    constexpr float kLog2e = 1.44269504f;
-    constexpr float kLn2Hi = 0.693359375f;
-    constexpr float kLn2Lo = -2.12194440e-4f;
-    constexpr float kShift = 12582912.0f;
-    constexpr float kLowest = -87.0f;
-    const v16f xc = x < kLowest ? v16f{} + kLowest : x;
-    const v16f t = xc * kLog2e + kShift;
-    const v16f kf = t - kShift;
-    v16f r = xc - kf * kLn2Hi;
-    r = r - kf * kLn2Lo;
-    v16f p = v16f{} + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    v16i tb;
-    std::memcpy(&tb, &t, sizeof tb);
-    const v16i bits = (tb - 0x4B400000 + 127) << 23;
-    v16f scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    const v16f y = p * scale;
-    return x < kLowest ? v16f{} : y;
-}
+[[gnu::always_inline]] static inline v16f exp16(v16f x) { return exp_nonpos_f32<v16f, v16i>(x); }
 
 // q = exp(-scale s) in single precision for 16 columns of squared distances
 // s, with columns at or beyond len (j0: the first one's index) set to 0.
