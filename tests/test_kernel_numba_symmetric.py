@@ -10,12 +10,15 @@ from kernel_reference import (
     BACKENDS,
     DTYPES,
     assert_lognorm_close,
+    assert_logq_close,
     check_targets,
     check_topk,
     make_clusters,
     make_data,
     ref_log_normalizer,
+    ref_log_posterior,
     to_numpy,
+    tol,
 )
 
 pytestmark = pytest.mark.skipif("numba" not in BACKENDS, reason="the numba backend is not available")
@@ -25,13 +28,13 @@ if "numba" in BACKENDS:
 
 
 def _all_outputs(X, k, **kw):
-    """Top-k (indices, log q, normaliser), normaliser and targets, as NumPy arrays."""
+    """Top-k (indices, log q, normaliser), normaliser, dense log q and targets, as NumPy arrays."""
     kw = dict(backend="numba", bandwidth=0.3, **kw)
     top = mapa.log_posterior_topk(X, k=k, **kw)
     tg = mapa.posterior_targets(X, **kw)
     out = dict(
         idx=top.indices, logp=top.log_prob, top_lnorm=top.log_norm, lnorm=mapa.log_normalizer(X, **kw),
-        W=tg.weights, means=tg.means, s=tg.sq_norms,
+        dense=mapa.log_posterior(X, **kw), W=tg.weights, means=tg.means, s=tg.sq_norms,
     )
     return {name: to_numpy(v) for name, v in out.items()}
 
@@ -91,6 +94,7 @@ def test_rounds_cut_into_calls_give_the_same_bits(monkeypatch, exclude_self):
     for call in (
         lambda cb: mapa.posterior_targets(X, bandwidth=0.3, backend="numba", progress=cb, **kw),
         lambda cb: mapa.log_posterior_topk(X, k=5, bandwidth=0.3, backend="numba", progress=cb, **kw),
+        lambda cb: mapa.log_posterior(X, bandwidth=0.3, backend="numba", progress=cb, **kw),
     ):
         seen = []
         call(lambda done, total, seen=seen: seen.append((done, total)))
@@ -249,3 +253,74 @@ def test_float_distances_rule():
     assert not nb._float_distances(X, 1.0)
     assert nb._float_distances(np.zeros((3, 32), dtype=F32), 1.0)
     assert not nb._float_distances(np.zeros((3, 33), dtype=F32), 1.0)
+
+
+def _row_lse(L):
+    """log sum_n q(n | i) per row, in float64 (0 for a normalised row)."""
+    L = to_numpy(L).astype(np.float64)
+    m = L.max(axis=1, keepdims=True)
+    return m[:, 0] + np.log(np.exp(L - m).sum(axis=1))
+
+
+# (n, d, block_size): tiles of 7 (29 of them, an odd count: a bye every
+# round), 32 with a ragged last tile of 11, 45 in five ragged tiles, d = 16
+@pytest.mark.parametrize("n, d, block_size", [(203, 2, 7), (203, 3, 32), (190, 16, 45)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_dense_self_queries_two_steps(monkeypatch, n, d, block_size, exclude_self, dtype):
+    # Dense log q with the queries the references: the normalisers by the
+    # symmetric pass, then every entry written once (_dense_rows), not the
+    # one-sided streaming pass. Within the tolerances of the reference,
+    # rows that sum to 1, the same bits on 1, 2 and 3 threads, and within
+    # rounding of the one-sided pass (the same queries as a copy).
+    h = 0.4 * float(np.sqrt(d))
+    X = make_clusters(n, d, h, dtype=dtype, seed=n + d)
+    dense = _spy(monkeypatch, "_dense_rows")
+    rows = _spy(monkeypatch, "_run_rows")
+    kw = dict(bandwidth=h, exclude_self=exclude_self, block_size=block_size, backend="numba")
+    base = mapa.log_posterior(X, num_threads=1, **kw)
+    assert base.dtype == dtype and dense and not rows
+    assert_logq_close(base, ref_log_posterior(X, X, h, exclude_self), dtype)
+    if exclude_self:
+        assert np.isneginf(np.diagonal(to_numpy(base))).all()
+    np.testing.assert_allclose(_row_lse(base), 0.0, atol=tol(dtype)["mass_rtol"] if dtype == F32 else 1e-13)
+    for num_threads in (2, 3):
+        np.testing.assert_array_equal(mapa.log_posterior(X, num_threads=num_threads, **kw), base)
+    # the same queries as a copy: the one-sided pass (the backend called directly, as
+    # exclude_self needs the queries to be the references at the API)
+    one = nb.log_posterior(X, X.copy(), 1.0 / (2 * h * h), exclude_self, block_size)
+    assert rows
+    a, b = to_numpy(base).astype(np.float64), to_numpy(one).astype(np.float64)
+    np.testing.assert_array_equal(np.isneginf(a), np.isneginf(b))
+    fin = np.isfinite(b)
+    np.testing.assert_allclose(a[fin], b[fin], rtol=1e-6 if dtype == F32 else 1e-12, atol=1e-4 if dtype == F32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_self_queries_isolated_point(monkeypatch, dtype):
+    # With exclude_self, a point whose row sum is lost under exp's floor
+    # (logit -800 to its nearest neighbour in float64, -95 in float32) has
+    # its normaliser redone one-sided; its row is then written as the others.
+    h = 0.1
+    gap = 800.0 if dtype == np.float64 else 95.0
+    X = make_clusters(150, 3, h, dtype=dtype, seed=7)
+    far = X[int(np.argmax(X[:, 0]))].astype(np.float64)
+    far[0] += np.sqrt(gap * 2 * h * h)
+    X = np.vstack([X, far[None, :].astype(dtype)])
+    redo = _spy(monkeypatch, "_run_rows")
+    for block_size in (16, None):
+        out = mapa.log_posterior(X, bandwidth=h, exclude_self=True, block_size=block_size, backend="numba")
+        assert_logq_close(out, ref_log_posterior(X, X, h, exclude_self=True), dtype)
+        assert abs(_row_lse(out)[-1]) < 1e-5
+    assert redo
+
+
+def test_dense_self_queries_progress():
+    # The dense self-queries report over 2 N: the symmetric pass, then the rows.
+    X = make_clusters(300, 2, 0.3, seed=1)
+    seen = []
+    mapa.log_posterior(X, bandwidth=0.3, block_size=16, backend="numba", num_threads=2,
+                       progress=lambda done, total: seen.append((done, total)))
+    dones = [d for d, _ in seen]
+    assert {t for _, t in seen} == {600} and dones == sorted(dones) and dones[-1] == 600
+    assert any(d == 300 for d in dones)

@@ -8,9 +8,9 @@ distances of a query to a tile of references form a contiguous loop over the
 references (explicit differences, no ||x||^2 + ||y||^2 - 2 x.y expansion).
 Queries go in pairs, sharing each load of ``XT``.
 
-The one-sided passes (separate queries, the dense matrix, the fallbacks
-below) split the work as blocks of query rows x tiles of references
-(``block_size`` references per tile). Each query row keeps its smallest squared distance so
+The one-sided passes (separate queries, the dense matrix's writing pass,
+the fallbacks below) split the work as blocks of query rows x tiles of
+references (``block_size`` references per tile). Each query row keeps its smallest squared distance so
 far, ``dmin``, and ``s = sum_j exp(-scale (d_j - dmin))``, rescaled when
 ``dmin`` drops; then ``log_norm = -scale dmin + log s`` and
 ``log q = scale (dmin - d) - log s``, formed without cancellation however
@@ -45,11 +45,11 @@ Top-k keeps a bounded max-heap per row on (distance, index), so ties in
 distance go to the lower index; the reference sorts by log-probability, which
 can differ only where two distinct distances round to the same float64 logit.
 
-When the queries are the references (``Y is X``), the normaliser, top-k and
-targets take each unordered pair of points once: tile pair (ta, tb), ta <= tb,
-computes d(i, n) for the rows i of ta against the columns n of tb and serves
-both orders, i's row with column n and, off the diagonal, n's row with
-column i. The pairs go in rounds (round-robin tournament, circle method):
+When the queries are the references (``Y is X``), the normaliser, top-k,
+targets and the dense matrix's normalisers take each unordered pair of
+points once: tile pair (ta, tb), ta <= tb, computes d(i, n) for the rows i
+of ta against the columns n of tb and serves both orders, i's row with
+column n and, off the diagonal, n's row with column i. The pairs go in rounds (round-robin tournament, circle method):
 first the diagonal (ta, ta) of every tile, then P - 1 rounds of P / 2 pairs
 that share no tile (P = tiles rounded up to even; a pair with the padding
 tile is a bye). A round is one ``prange`` over its pairs, one pair per
@@ -65,6 +65,13 @@ at least 4 tiles per pool thread, so small problems parallelise).
   exclude_self, a row sum near exp's floor (an isolated point) makes the
   whole normaliser be redone row by row, with the streaming minimum (in
   float64, also after the single-precision pass, whose floor is e^-87).
+- Dense matrix (``log_posterior``), the cpp kernel's two steps: the
+  normalisers as above, then one pass over blocks of rows (``_dense_rows``)
+  writes every entry once, final, as scale (dmin - d) - log s: float64
+  distances, no exponentials, no running minimum. Each entry depends only
+  on its row's normaliser, so the bits do not depend on ``num_threads``.
+  Separate queries keep the one-sided pass (streaming minimum, then the
+  rows written in a second pass over the references).
 - ``targets``: e = exp(-scale d) once per pair; with V[:, n] = u_n / Z_n,
   u_n = (1, x_n, ||x_n||^2), row i gathers e V[:, n] and column n receives
   e V[:, i], all in one (D + 2, N) accumulator. e <= 1, and where
@@ -86,9 +93,9 @@ Parallelism: ``prange`` over blocks of query rows for the one-sided passes,
 over the pairs of a round for the symmetric ones. Large problems are cut
 into calls of bounded work (about 0.1 s each: chunks of rows, or runs of
 rounds or of a round's pairs), between which ``progress`` is called and
-Ctrl-C is seen. Compiled signatures: the row kernel for a float64 and a
-float32 dense output, the other kernels once, and the single-precision
-normaliser ``_sums_rounds_f`` on first float32 use (all cached on disk).
+Ctrl-C is seen. Compiled signatures: the row kernel and ``_dense_rows`` for
+a float64 and a float32 dense output, the other kernels once, and the
+single-precision normaliser ``_sums_rounds_f`` on first float32 use (all cached on disk).
 """
 
 from __future__ import annotations
@@ -805,6 +812,29 @@ def _pair_buffers(tile):
 # --------------------------------------------------------------------------
 
 
+@njit(cache=True, nogil=True)
+def _write_block(XT, Y, scale, excl, row0, q0, nq, tile, dm, ls, dense, dbuf):
+    """dense[q0 + qq] = log q of query rows q0 <= q0 + qq < q0 + nq, every reference.
+
+    The row's normaliser is given as (dm[qq], ls[qq]): each entry is
+    scale * (dm - d) - ls, written once (_write_logq), its self column -inf
+    with ``excl``. Tiles outer, rows inner: a tile of XT is loaded once for
+    the whole block.
+    """
+    N = XT.shape[1]
+    for j0 in range(0, N, tile):
+        nb = min(tile, N - j0)
+        for qp in range(0, nq, 2):
+            _sq_dists2(XT, j0, nb, Y[q0 + qp], Y[q0 + min(qp + 1, nq - 1)], dbuf[0], dbuf[1])
+            for h in range(min(2, nq - qp)):
+                qq = qp + h
+                r = q0 + qq
+                d2 = dbuf[h]
+                if excl and j0 <= row0 + r < j0 + nb:
+                    d2[row0 + r - j0] = np.inf
+                _write_logq(d2, nb, scale, dm[qq], ls[qq], dense[r], j0)
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _rows_kernel(XT, Y, scale, excl, row0, tile, qb, mode, dmin_out, logs_out, dense, top_i, top_d):
     """One pass over all references per block of query rows.
@@ -814,8 +844,9 @@ def _rows_kernel(XT, Y, scale, excl, row0, tile, qb, mode, dmin_out, logs_out, d
     keeping the two apart lets log q = scale (dmin - d) - logs be formed
     without cancellation, however large the distances.
     mode 0: just that; 1: also the dense rows log q into ``dense`` (second
-    pass, distances recomputed); 2: also the top-k (k = top_d.shape[1]) by a
-    bounded heap on (distance, index), returned sorted, top_d as log q.
+    pass, distances recomputed; separate queries only, self-queries take
+    the symmetric normaliser and _dense_rows); 2: also the top-k
+    (k = top_d.shape[1]) by a bounded heap on (distance, index), returned sorted, top_d as log q.
     Query row r of Y has global index row0 + r (its self column with ``excl``).
     """
     N = XT.shape[1]
@@ -869,17 +900,7 @@ def _rows_kernel(XT, Y, scale, excl, row0, tile, qb, mode, dmin_out, logs_out, d
             dmin_out[q0 + qq] = dm[qq]
             logs_out[q0 + qq] = math.log(s[qq])
         if mode == 1:
-            for j0 in range(0, N, tile):
-                nb = min(tile, N - j0)
-                for qp in range(0, nq, 2):
-                    _sq_dists2(XT, j0, nb, Y[q0 + qp], Y[q0 + min(qp + 1, nq - 1)], dbuf[0], dbuf[1])
-                    for h in range(min(2, nq - qp)):
-                        qq = qp + h
-                        r = q0 + qq
-                        d2 = dbuf[h]
-                        if excl and j0 <= row0 + r < j0 + nb:
-                            d2[row0 + r - j0] = np.inf
-                        _write_logq(d2, nb, scale, dm[qq], logs_out[r], dense[r], j0)
+            _write_block(XT, Y, scale, excl, row0, q0, nq, tile, dm, logs_out[q0 : q0 + nq], dense, dbuf)
         elif mode == 2:
             for qq in range(nq):
                 r = q0 + qq
@@ -887,6 +908,26 @@ def _rows_kernel(XT, Y, scale, excl, row0, tile, qb, mode, dmin_out, logs_out, d
                 _heap_sort(hd, top_i[r])
                 for t in range(hd.shape[0]):
                     hd[t] = scale * (dm[qq] - hd[t]) - logs_out[r]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _dense_rows(XT, Y, scale, excl, row0, tile, qb, dmin, logs, dense):
+    """The dense rows log q of queries whose normalisers are known (dmin, logs).
+
+    The second step of the dense matrix with the queries the references:
+    the normalisers come from the symmetric pass, so each row is one pass
+    over the references, every entry written once (_write_block), without
+    the exponentials and the streaming minimum of _rows_kernel's mode 1.
+    Rows are independent, so the bits do not depend on the thread count.
+    """
+    M = Y.shape[0]
+    nblk = (M + qb - 1) // qb
+    for b in prange(nblk):
+        q0 = b * qb
+        nq = min(M, q0 + qb) - q0
+        dbuf = np.empty((2, tile), dtype=np.float64)
+        _write_block(XT, Y, scale, excl, row0, q0, nq, tile, dmin[q0 : q0 + nq], logs[q0 : q0 + nq], dense, dbuf)
+
 
 @njit(parallel=True, cache=True, nogil=True)
 def _sums_rounds(XT, X, scale, excl, tile, nt, r0, r1, s0, s1, sums):
@@ -1337,10 +1378,38 @@ def log_normalizer(X, Y, scale, exclude_self, block_size=0, num_threads=1, progr
     return _log_norm(dmin, logs, scale, X.dtype)
 
 
+def _self_dense(X, X64, XT, scale, exclude_self, block_size, num_threads, progress, out):
+    """The dense matrix with the queries the references, in two steps.
+
+    The normalisers by the symmetric pass (each unordered pair once, in
+    single precision where _float_distances allows), then every entry
+    written once, final (_dense_rows, float64 distances, in chunks of rows).
+    Progress runs over 2 N: 0 .. N for the first step, N .. 2 N the second.
+    """
+    N, D = X64.shape
+    total = 2 * N
+    dmin, logs = _self_log_norm(
+        X, X64, XT, scale, exclude_self, block_size, num_threads,
+        None if progress is None else (lambda done, _total: progress(done, total)),
+    )
+    tile = min(int(block_size) if block_size > 0 else _default_tile(D), N)
+    with _Threads(num_threads) as nt:
+        for a, b in _chunks(N, N, D, nt):
+            _dense_rows(
+                XT, X64[a:b], float(scale), bool(exclude_self), a, tile, _query_block(b - a, nt),
+                dmin[a:b], logs[a:b], out[a:b],
+            )
+            if progress is not None:
+                progress(N + b, total)
+
+
 def log_posterior(X, Y, scale, exclude_self, block_size=0, num_threads=1, progress=None):
-    _, XT, Y64 = _as_f64(X, Y)
+    X64, XT, Y64 = _as_f64(X, Y)
     out = np.empty((Y.shape[0], X.shape[0]), dtype=X.dtype)
-    _run_rows(XT, Y64, scale, exclude_self, block_size, num_threads, progress, 1, out, _NO_IDX, _NO_DENSE)
+    if Y64 is X64:
+        _self_dense(X, X64, XT, scale, exclude_self, block_size, num_threads, progress, out)
+    else:
+        _run_rows(XT, Y64, scale, exclude_self, block_size, num_threads, progress, 1, out, _NO_IDX, _NO_DENSE)
     return out
 
 
