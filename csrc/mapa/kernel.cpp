@@ -449,26 +449,48 @@ inline void spin_pause() {
 // on every call, whatever the thread count. make_state() builds each
 // thread's state; units(ta, tb) is the pair's progress count. A stop
 // request ends the loop at the next pair.
+// The tile pairs of over_tile_rounds in their order, computed on demand (a
+// table of the pairs and of their predecessors took 33 bytes per pair: 250
+// MB for top-k's 7.6 million pairs at N = 10^6). Pairs 0 .. nt - 1 are the
+// diagonals (t, t); then round r < P - 1 has S pairs, slot i of the circle
+// method joining P - 1 (i = 0) or (r + i) mod (P - 1) with
+// (r - i) mod (P - 1). With nt odd, tile P - 1 = nt does not exist: slot 0,
+// tile r's bye, is left out.
+struct TileRounds {
+    index_t nt, P, skip, S;
+    explicit TileRounds(index_t n) : nt(n), P(n + n % 2), skip(n % 2), S((n + n % 2) / 2 - n % 2) {}
+    index_t count() const { return nt + (P - 1) * S; }
+    // (ta, tb), ta <= tb, of pair g
+    std::pair<index_t, index_t> pair(index_t g) const {
+        if (g < nt) return {g, g};
+        const index_t r = (g - nt) / S, i = (g - nt) % S + skip;
+        const index_t u = i == 0 ? P - 1 : (r + i) % (P - 1), v = (r - i + P - 1) % (P - 1);
+        return {std::min(u, v), std::max(u, v)};
+    }
+    // the pair of round r that holds tile t (not t's bye)
+    index_t at(index_t r, index_t t) const {
+        index_t i = 0;
+        if (t != P - 1) {
+            const index_t m = P - 1, a = ((t - r) % m + m) % m;
+            i = a >= 1 && a < P / 2 ? a : ((r - t) % m + m) % m;
+        }
+        return nt + r * S + (i - skip);
+    }
+    // the pair before pair g that holds t, one of g's tiles (-1: none): the
+    // previous round's, or the one before if t had its bye there, or t's
+    // diagonal
+    index_t prev(index_t g, index_t t) const {
+        if (g < nt) return -1;
+        index_t r = (g - nt) / S - 1;
+        if (skip && r == t) --r;
+        return r < 0 ? t : at(r, t);
+    }
+};
+
 template <class State, class MakeState, class Visit, class Units>
 void over_tile_rounds(index_t nt, int threads, Control& ctl, MakeState make_state, Visit visit, Units units) {
-    std::vector<std::pair<index_t, index_t>> pairs;
-    for (index_t t = 0; t < nt; ++t) pairs.emplace_back(t, t);
-    const index_t P = nt + nt % 2;
-    for (index_t r = 0; r + 1 < P; ++r)
-        for (index_t i = 0; i < P / 2; ++i) {
-            const index_t u = i == 0 ? P - 1 : (r + i) % (P - 1), v = (r - i + P - 1) % (P - 1);
-            if (u < nt && v < nt) pairs.emplace_back(std::min(u, v), std::max(u, v));
-        }
-    const index_t n = static_cast<index_t>(pairs.size());
-    // prev[2 i], prev[2 i + 1]: the pair before pair i of its first and its
-    // second tile (-1: none)
-    std::vector<index_t> prev(static_cast<std::size_t>(2 * n)), last(static_cast<std::size_t>(nt), -1);
-    for (index_t i = 0; i < n; ++i) {
-        const auto [ta, tb] = pairs[static_cast<std::size_t>(i)];
-        prev[static_cast<std::size_t>(2 * i)] = last[static_cast<std::size_t>(ta)];
-        prev[static_cast<std::size_t>(2 * i + 1)] = ta == tb ? -1 : last[static_cast<std::size_t>(tb)];
-        last[static_cast<std::size_t>(ta)] = last[static_cast<std::size_t>(tb)] = i;
-    }
+    const TileRounds rounds(nt);
+    const index_t n = rounds.count();
     // each pair's stage: 0 free, 1 taken, 2 done; no lock (a contended
     // mutex puts the waiting thread to sleep, and waking it costs more than
     // a small pair)
@@ -490,9 +512,10 @@ void over_tile_rounds(index_t nt, int threads, Control& ctl, MakeState make_stat
             index_t got = -1;
             // pairs further on than one round past the head wait anyway
             for (index_t i = h; got < 0 && i < std::min(n, h + nt + 1); ++i) {
+                if (stage[i].load(std::memory_order_relaxed) != kFree) continue;
+                const auto [ta, tb] = rounds.pair(i);
                 char expect = kFree;
-                if (stage[i].load(std::memory_order_relaxed) == kFree && after(prev[static_cast<std::size_t>(2 * i)]) &&
-                    after(prev[static_cast<std::size_t>(2 * i + 1)]) &&
+                if (after(rounds.prev(i, ta)) && (ta == tb || after(rounds.prev(i, tb))) &&
                     stage[i].compare_exchange_strong(expect, kTaken, std::memory_order_acq_rel))
                     got = i;
             }
@@ -503,7 +526,7 @@ void over_tile_rounds(index_t nt, int threads, Control& ctl, MakeState make_stat
                 for (int i = 0; i < 64; ++i) spin_pause();
                 continue;
             }
-            const auto [ta, tb] = pairs[static_cast<std::size_t>(got)];
+            const auto [ta, tb] = rounds.pair(got);
             try {
                 if (state) visit(*state, ta, tb);
             } catch (...) {
