@@ -870,8 +870,9 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
         float* dist = w.dist.data();
         for (index_t r0 = ta * p.tb; r0 < end; r0 += kRows) {
             const index_t rows = std::min(kRows, end - r0);
-            direct_exp_sums(p.ftile(tb), ld, a.d, xs + r0 * a.d, rows, len, a.scale, sums.data() + r0, diag ? nullptr : sums.data() + tb * p.tb, dist,
-                            w.smin.data(), a.exclude_self && diag ? r0 - tb * p.tb : -1);
+            direct_exp_sums(p.ftile(tb), ld, a.d, xs + r0 * a.d, rows, len, a.scale, sums.data() + r0,
+                            diag ? nullptr : sums.data() + tb * p.tb, dist, w.smin.data(),
+                            a.exclude_self && diag ? r0 - tb * p.tb : -1);
             double top = kNegInf;
             for (index_t r = 0; r < rows; ++r) {
                 const float* sr_ = dist + r * ld;
@@ -891,7 +892,8 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
                 }
             }
             if (diag || top < col_floor) continue;
-            for (index_t j = 0; j < len; ++j) w.bound[static_cast<std::size_t>(j)] = s_bound(thr[tb * p.tb + j], a.scale);
+            for (index_t j = 0; j < len; ++j)
+                w.bound[static_cast<std::size_t>(j)] = s_bound(thr[tb * p.tb + j], a.scale);
             const index_t found = columns_at_most(dist, ld, rows, len, w.bound.data(), w.pos.data(), w.masks.data());
             for (index_t i = 0; i < found; ++i) {
                 const std::int32_t j = w.pos[static_cast<std::size_t>(i)];
@@ -1190,7 +1192,8 @@ void symmetric_targets(const Args& a, const PackedRefs& p, const Order& order, c
                     const index_t qld = ld + 16;
                     direct_exp(p.ftile(tb), ld, d, xrows + r0 * d, rows, a.scale, s.q.data(), qld);
                     if (a.exclude_self && ta == tb)
-                        for (index_t r = 0; r < rows; ++r) s.q[static_cast<std::size_t>(r * qld + r0 + r - tb * p.tb)] = 0.0f;
+                        for (index_t r = 0; r < rows; ++r)
+                            s.q[static_cast<std::size_t>(r * qld + r0 + r - tb * p.tb)] = 0.0f;
                     pair_targets(s.q.data(), qld, ld, rows, u.data() + r0 * dw, ut.data() + tb * per, dw, cols,
                                  rows_acc);
                     return;
