@@ -165,65 +165,6 @@ typedef std::int64_t v8l64 __attribute__((vector_size(64)));
 [[gnu::always_inline]] static inline v8d exp8(v8d x) { return exp_nonpos_f64<v8d, v8l64>(x); }
 
 MAPA_CLONES
-void direct_exp_sums(const double* xt, index_t ld, index_t d, const double* y, index_t rows, index_t len,
-                     double scale, double* rowsum, double* colsum, index_t self0) {
-    // As the float leaf, in double: logits_direct's distances and logits,
-    // exp_nonpos on eight lanes, each row's sum over the tile and each
-    // column's over the block's rows (four in register, then in row-group
-    // order), then added to the sums.
-    static_assert(kTileAlign % 16 == 0, "two vectors per column block");
-    constexpr double kInf = std::numeric_limits<double>::infinity();
-    constexpr index_t kBlockRows = 4;
-    const index_t cols = (len + 15) / 16 * 16;  // <= ld
-    const v8d lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    alignas(64) double cs[kMaxTile];
-    if (colsum) std::memset(cs, 0, sizeof(double) * static_cast<std::size_t>(cols));
-    for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
-        const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
-        const double* ys[kBlockRows];
-        four_rows(y, d, r0, nr, ys);
-        v8d rs[kBlockRows] = {};
-        for (index_t j0 = 0; j0 < cols; j0 += 16) {
-            const double* xs[1] = {xt + j0};
-            v8d acc[kBlockRows][2];
-            column_sums<kBlockRows, false, true>(xs, ld, d, ys, acc);
-            if (self0 >= 0 && self0 + r0 + kBlockRows > j0 && self0 + r0 < j0 + 16) {
-                for (index_t r = 0; r < kBlockRows; ++r)
-                    for (int h = 0; h < 2; ++h)
-                        acc[r][h] = lane + static_cast<double>(j0 + 8 * h) == static_cast<double>(self0 + r0 + r)
-                                        ? v8d{} + kInf
-                                        : acc[r][h];
-            }
-            v8d c0 = v8d{}, c1 = v8d{};
-#pragma GCC unroll 4
-            for (index_t r = 0; r < kBlockRows; ++r) {
-                if (r >= nr) break;  // repeated rows (last block only)
-                v8d q0 = exp8(acc[r][0] * -scale), q1 = exp8(acc[r][1] * -scale);
-                if (j0 + 16 > len) {
-                    q0 = lane + static_cast<double>(j0) < static_cast<double>(len) ? q0 : v8d{};
-                    q1 = lane + static_cast<double>(j0 + 8) < static_cast<double>(len) ? q1 : v8d{};
-                }
-                rs[r] += q0 + q1;
-                c0 += q0;
-                c1 += q1;
-            }
-            if (colsum) {
-                store8(cs + j0, load8(cs + j0) + c0);
-                store8(cs + j0 + 8, load8(cs + j0 + 8) + c1);
-            }
-        }
-        for (index_t r = 0; r < nr; ++r) {
-            double s = 0;
-            for (int i = 0; i < 8; ++i) s += rs[r][i];
-            rowsum[r0 + r] += s;
-        }
-    }
-    if (!colsum) return;
-#pragma omp simd
-    for (index_t j = 0; j < len; ++j) colsum[j] += cs[j];
-}
-
-MAPA_CLONES
 void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t cols, index_t d,
                    const double* y, const double* ynorm, index_t rows, double scale, double* out) {
     // A 16-column panel of the tile (d x 16 doubles) is reused by every block
@@ -344,90 +285,114 @@ void logits_direct(const float* xt, index_t ld, index_t cols, index_t d, const f
 typedef std::int32_t v16i __attribute__((vector_size(64)));
 [[gnu::always_inline]] static inline v16f exp16(v16f x) { return exp_nonpos_f32<v16f, v16i>(x); }
 
-// q = exp(-scale s) in single precision for 16 columns of squared distances
-// s, with columns at or beyond len (j0: the first one's index) set to 0.
-[[gnu::always_inline]] static inline v16f exp_scaled16(v16f s, float mscale, index_t j0, index_t len) {
-    v16f q = exp16(s * mscale);
-    if (j0 + 16 > len) {
-        const v16f lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-        q = lane + static_cast<float>(j0) < static_cast<float>(len) ? q : v16f{};
-    }
-    return q;
+// What the fused leaves need of their precision, by overload: the column
+// sums of four rows against two vectors of columns (acc[r][h]: columns
+// L h .. L h + L - 1 of the block at xt), the exponential on every lane, and
+// unaligned loads and stores.
+[[gnu::always_inline]] static inline void tile_sums(const double* xt, index_t ld, index_t d,
+                                                    const double* const* ys, v8d (&acc)[4][2]) {
+    const double* xs[1] = {xt};
+    column_sums<4, false, true>(xs, ld, d, ys, acc);
+}
+[[gnu::always_inline]] static inline void tile_sums(const float* xt, index_t ld, index_t d, const float* const* ys,
+                                                    v16f (&acc)[4][2]) {
+    const float* xs[1] = {xt};
+    column_sums_f<4, 2, true>(xs, ld, d, ys, acc);
+}
+[[gnu::always_inline]] static inline v8d exp_lanes(v8d x) { return exp8(x); }
+[[gnu::always_inline]] static inline v16f exp_lanes(v16f x) { return exp16(x); }
+template <class V, class E>
+[[gnu::always_inline]] static inline V load_lanes(const E* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+template <class V, class E>
+[[gnu::always_inline]] static inline void store_lanes(E* p, V v) {
+    std::memcpy(p, &v, sizeof v);
 }
 
-// direct_exp_sums, and with Store the squared distances as float (all
-// columns up to len rounded up to 32) and each row's least over the first
-// len; self0 >= 0 drops row r's term at column self0 + r (its q is 0, its
-// stored distance +inf).
-template <bool Store>
-[[gnu::always_inline]] static inline void direct_exp_sums_impl(const float* xt, index_t ld, index_t d,
-                                                              const float* y, index_t rows, index_t len,
-                                                              double scale, double* rowsum, double* colsum,
-                                                              float* dist, float* row_min, index_t self0) {
-    static_assert(kTileAlign % 32 == 0, "two float vectors per column block");
-    constexpr float kInf = std::numeric_limits<float>::infinity();
+// The fused leaf, in E (float: V = v16f, double: V = v8d): distances,
+// logits (-scale s, in E), exponentials and both sums; with Store also the
+// squared distances (all columns up to len rounded up to 2 L) and each
+// row's least over the first len. self0 >= 0 drops row r's term at column
+// self0 + r: its distance is +inf, so its exponential is exactly 0.
+template <class E, class V, bool Store>
+[[gnu::always_inline]] static inline void direct_exp_sums_impl(const E* xt, index_t ld, index_t d, const E* y,
+                                                              index_t rows, index_t len, double scale,
+                                                              double* rowsum, double* colsum, E* dist,
+                                                              E* row_min, index_t self0) {
+    constexpr index_t L = sizeof(V) / sizeof(E), W = 2 * L;  // lanes; columns per step
+    static_assert(kTileAlign % W == 0, "two vectors per column block");
+    constexpr E kInf = std::numeric_limits<E>::infinity();
     constexpr index_t kBlockRows = 4;
-    const index_t cols = (len + 31) / 32 * 32;  // <= ld
-    const float ms = static_cast<float>(-scale);
-    const v16f lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const index_t cols = (len + W - 1) / W * W;  // <= ld
+    const E ms = static_cast<E>(-scale);
+    V lane;
+    for (index_t i = 0; i < L; ++i) lane[i] = static_cast<E>(i);
     // each column's sum over the block's rows: four rows in register, in
     // row order, then added here in row-group order
-    alignas(64) float cs[kMaxTile];
-    if (colsum) std::memset(cs, 0, sizeof(float) * static_cast<std::size_t>(cols));
+    alignas(64) E cs[kMaxTile];
+    if (colsum) std::memset(cs, 0, sizeof(E) * static_cast<std::size_t>(cols));
     for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
         const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
-        const float* ys[kBlockRows];
+        const E* ys[kBlockRows];
         four_rows(y, d, r0, nr, ys);
-        v16f rs[kBlockRows] = {};
-        v16f low[kBlockRows];
-        for (auto& m : low) m = v16f{} + kInf;
-        for (index_t j0 = 0; j0 < cols; j0 += 32) {
-            const float* xs[1] = {xt + j0};
-            v16f acc[kBlockRows][2];
-            column_sums_f<kBlockRows, 2, true>(xs, ld, d, ys, acc);
-            if (self0 >= 0 && self0 + r0 + kBlockRows > j0 && self0 + r0 < j0 + 32) {
+        V rs[kBlockRows] = {};
+        V low[kBlockRows];
+        for (auto& m : low) m = V{} + kInf;
+        for (index_t j0 = 0; j0 < cols; j0 += W) {
+            V acc[kBlockRows][2];
+            tile_sums(xt + j0, ld, d, ys, acc);
+            if (self0 >= 0 && self0 + r0 + kBlockRows > j0 && self0 + r0 < j0 + W) {
                 for (index_t r = 0; r < kBlockRows; ++r)
                     for (int h = 0; h < 2; ++h)
-                        acc[r][h] = lane + static_cast<float>(j0 + 16 * h) == static_cast<float>(self0 + r0 + r)
-                                        ? v16f{} + kInf
+                        acc[r][h] = lane + static_cast<E>(j0 + L * h) == static_cast<E>(self0 + r0 + r)
+                                        ? V{} + kInf
                                         : acc[r][h];
             }
-            v16f c0 = v16f{}, c1 = v16f{};
+            // columns at or beyond len (padding) take no part
+            const bool tail = j0 + W > len;
+            const auto in0 = lane + static_cast<E>(j0) < static_cast<E>(len);
+            const auto in1 = lane + static_cast<E>(j0 + L) < static_cast<E>(len);
+            V c0 = V{}, c1 = V{};
 #pragma GCC unroll 4
             for (index_t r = 0; r < kBlockRows; ++r) {
                 if (r >= nr) break;  // repeated rows (last block only)
                 if constexpr (Store) {
-                    float* o = dist + (r0 + r) * ld + j0;
-                    std::memcpy(o, &acc[r][0], sizeof acc[r][0]);
-                    std::memcpy(o + 16, &acc[r][1], sizeof acc[r][1]);
-                    v16f a = acc[r][0], b = acc[r][1];
-                    if (j0 + 32 > len) {
-                        a = lane + static_cast<float>(j0) < static_cast<float>(len) ? a : v16f{} + kInf;
-                        b = lane + static_cast<float>(j0 + 16) < static_cast<float>(len) ? b : v16f{} + kInf;
+                    E* o = dist + (r0 + r) * ld + j0;
+                    store_lanes(o, acc[r][0]);
+                    store_lanes(o + L, acc[r][1]);
+                    V a = acc[r][0], b = acc[r][1];
+                    if (tail) {
+                        a = in0 ? a : V{} + kInf;
+                        b = in1 ? b : V{} + kInf;
                     }
-                    const v16f m = a < b ? a : b;
+                    const V m = a < b ? a : b;
                     low[r] = m < low[r] ? m : low[r];
                 }
-                // exp(-inf) of a dropped self term is exactly 0
-                const v16f q0 = exp_scaled16(acc[r][0], ms, j0, len);
-                const v16f q1 = exp_scaled16(acc[r][1], ms, j0 + 16, len);
+                V q0 = exp_lanes(acc[r][0] * ms), q1 = exp_lanes(acc[r][1] * ms);
+                if (tail) {
+                    q0 = in0 ? q0 : V{};
+                    q1 = in1 ? q1 : V{};
+                }
                 rs[r] += q0 + q1;
                 c0 += q0;
                 c1 += q1;
             }
             if (colsum) {
-                float* c = cs + j0;
-                std::memcpy(c, &(c0 += load16(c)), sizeof c0);
-                std::memcpy(c + 16, &(c1 += load16(c + 16)), sizeof c1);
+                E* c = cs + j0;
+                store_lanes(c, load_lanes<V>(c) + c0);
+                store_lanes(c + L, load_lanes<V>(c + L) + c1);
             }
         }
         for (index_t r = 0; r < nr; ++r) {
-            float s = 0;
-            for (int i = 0; i < 16; ++i) s += rs[r][i];
+            E s = 0;
+            for (index_t i = 0; i < L; ++i) s += rs[r][i];
             rowsum[r0 + r] += static_cast<double>(s);
             if constexpr (Store) {
-                float m = low[r][0];
-                for (int i = 1; i < 16; ++i) m = low[r][i] < m ? low[r][i] : m;
+                E m = low[r][0];
+                for (index_t i = 1; i < L; ++i) m = low[r][i] < m ? low[r][i] : m;
                 row_min[r0 + r] = m;
             }
         }
@@ -441,10 +406,19 @@ MAPA_CLONES
 void direct_exp_sums(const float* xt, index_t ld, index_t d, const float* y, index_t rows, index_t len,
                      double scale, double* rowsum, double* colsum, float* dist, float* row_min, index_t self0) {
     if (dist) {
-        direct_exp_sums_impl<true>(xt, ld, d, y, rows, len, scale, rowsum, colsum, dist, row_min, self0);
+        direct_exp_sums_impl<float, v16f, true>(xt, ld, d, y, rows, len, scale, rowsum, colsum, dist, row_min,
+                                                self0);
     } else {
-        direct_exp_sums_impl<false>(xt, ld, d, y, rows, len, scale, rowsum, colsum, nullptr, nullptr, self0);
+        direct_exp_sums_impl<float, v16f, false>(xt, ld, d, y, rows, len, scale, rowsum, colsum, nullptr, nullptr,
+                                                 self0);
     }
+}
+
+MAPA_CLONES
+void direct_exp_sums(const double* xt, index_t ld, index_t d, const double* y, index_t rows, index_t len,
+                     double scale, double* rowsum, double* colsum, index_t self0) {
+    direct_exp_sums_impl<double, v8d, false>(xt, ld, d, y, rows, len, scale, rowsum, colsum, nullptr, nullptr,
+                                             self0);
 }
 
 MAPA_CLONES
