@@ -128,7 +128,6 @@ _C3 = 0.1666666666666668
 _C2 = 0.5000000000000019
 _C1 = 1.0
 _C0 = 1.0
-_INF_BITS = 0x7FF0000000000000  # bit pattern of +inf as int64
 
 # The single-precision normaliser (see _float_distances): csrc/mapa/exp.hpp's
 # float exp_nonpos. Every constant is an np.float32, which Numba keeps as
@@ -149,7 +148,6 @@ _E2 = np.float32(0.5)
 _E1 = np.float32(1.0)
 _E0 = np.float32(1.0)
 _ZERO_F = np.float32(0.0)
-_INF_BITS_F = np.int32(0x7F800000)  # bit pattern of +inf as int32
 _BIAS_F = np.int32(127)
 _MANT_F = np.int32(23)
 _COL_ROWS = 16  # rows (even) whose column terms are summed in float32 before the float64 sums
@@ -269,9 +267,8 @@ def _ref_pair_dists(XT, X, ip, i1, j0, nb, excl, dbuf):
 
 
 @njit(cache=True, nogil=True)
-def _min_bits(d2i, nb):
-    """Minimum of non-negative float64 values, compared as their int64 bit patterns."""
-    mn = _INF_BITS
+def _min_bits(d2i, nb, mn):
+    """Minimum of mn and non-negative floats d2i[:nb], compared as their integer bit patterns."""
     for j in range(nb):
         v = d2i[j]
         mn = v if v < mn else mn
@@ -531,8 +528,14 @@ def _heap_sort(hd, hi):
 
 @njit(cache=True, nogil=True)
 def _min_dist(d2i, nb, bits, bitsf):
-    """Smallest of the distances d2i[:nb] (given as their int64 bit patterns), as a float."""
-    bits[0] = _min_bits(d2i, nb)
+    """Smallest of the distances d2i[:nb], given as their bit patterns, as a float (+inf for none).
+
+    Either precision: d2i, bits int64 and bitsf float64, or int32 and
+    float32 (_pair_buffers); the minimum starts at +inf's bit pattern in
+    that type, written through bitsf.
+    """
+    bitsf[0] = np.inf
+    bits[0] = _min_bits(d2i, nb, bits[0])
     return bitsf[0]
 
 
@@ -649,17 +652,6 @@ def _scatter_sums(e, nb, UT, ia, ib, acc, j0):
 
 
 # single-precision counterparts (float32 input on the symmetric normaliser)
-
-
-@njit(cache=True, nogil=True)
-def _min_dist_f(d2i, nb, bits, bitsf):
-    """_min_dist for float32 distances, given as their int32 bit patterns."""
-    mn = _INF_BITS_F
-    for j in range(nb):
-        v = d2i[j]
-        mn = v if v < mn else mn
-    bits[0] = mn
-    return bitsf[0]
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
@@ -797,14 +789,15 @@ def _pair_span(nt, r, s, tile, N):
 
 
 @njit(cache=True, nogil=True)
-def _pair_buffers(tile):
-    """One tile pair's buffers: the distances of two rows (dbuf, and its int64
-    bits for _min_dist), _exp_terms' 2^k factors (ik, and as float64 f), and
-    the cell _min_dist reads its result through (bits, bitsf)."""
-    dbuf = np.empty((2, tile), dtype=np.float64)
-    ik = np.empty(tile, dtype=np.int64)
-    bits = np.empty(1, dtype=np.int64)
-    return dbuf, dbuf.view(np.int64), ik, ik.view(np.float64), bits, bits.view(np.float64)
+def _pair_buffers(tile, ft=np.float64, it=np.int64):
+    """One tile pair's buffers in float type ft (it: the integer type of its
+    width): the distances of two rows (dbuf, and its bits for _min_dist),
+    the exponentials' 2^k factors (ik, and as floats f), and the cell
+    _min_dist reads its result through (bits, bitsf)."""
+    dbuf = np.empty((2, tile), dtype=ft)
+    ik = np.empty(tile, dtype=it)
+    bits = np.empty(1, dtype=it)
+    return dbuf, dbuf.view(it), ik, ik.view(ft), bits, bits.view(ft)
 
 
 # --------------------------------------------------------------------------
@@ -881,8 +874,7 @@ def _rows_kernel(XT, Y, scale, excl, row0, tile, qb, mode, dmin_out, logs_out, d
                     self_col = row0 + r if excl else -1
                     if j0 <= self_col < j0 + nb:
                         d2[self_col - j0] = np.inf
-                    bits[0] = _min_bits(d2i, nb)
-                    dt = bitsf[0]
+                    dt = _min_dist(d2i, nb, bits, bitsf)
                     if dt == np.inf:
                         continue  # the tile is only the excluded self
                     if dt < dm[qq]:
@@ -978,18 +970,13 @@ def _sums_rounds_f(XT, X, scale, excl, tile, nt, r0, r1, s0, s1, sums):
             if ta < 0:
                 continue
             diag = ta == tb
-            dbuf = np.empty((2, tile), dtype=np.float32)
-            ibuf = dbuf.view(np.int32)
+            dbuf, ibuf, ik, f, bits, bitsf = _pair_buffers(tile, np.float32, np.int32)
             p = np.empty(tile, dtype=np.float32)
-            ik = np.empty(tile, dtype=np.int32)
-            f = ik.view(np.float32)
-            bits = np.empty(1, dtype=np.int32)
-            bitsf = bits.view(np.float32)
             cs = np.zeros(tile, dtype=np.float32)
             for ip in range(i0, i1, 2):
                 _ref_pair_dists(XT, X, ip, i1, j0, nb, excl and diag, dbuf)
                 for h in range(min(2, i1 - ip)):
-                    if -scale * _min_dist_f(ibuf[h], nb, bits, bitsf) < _EXP_FLOOR_F:
+                    if -scale * _min_dist(ibuf[h], nb, bits, bitsf) < _EXP_FLOOR_F:
                         continue  # every term is exp(< -87) = 0
                     _exp_terms_f(dbuf[h], nb, ms, p, ik)
                     if diag:
