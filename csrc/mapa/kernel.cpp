@@ -855,6 +855,57 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
         std::vector<float> dist, smin, bound;  // float path: a block's squared distances, their bounds
     };
     const double* thr = sel.thresholds();
+    // One block of rows r0 .. r0 + rows of tile ta against tile tb, its
+    // values (logits, or float squared distances) already in view: each row
+    // and, off the diagonal, each column offers its entries at or above its
+    // threshold. The view gives a row's tile maximum (view.top(r)), an
+    // entry's exact logit (view.logit(r, j)) and the two scans.
+    const auto select_block = [&](Work& w, const auto& view, index_t r0, index_t rows, index_t tb, bool diag,
+                                  double col_floor) {
+        const index_t len = p.len(tb);
+        const std::int32_t* cols = refs.data() + tb * p.tb;
+        double top = kNegInf;
+        for (index_t r = 0; r < rows; ++r) {
+            top = std::max(top, view.top(r));
+            if (view.top(r) < thr[r0 + r]) continue;
+            if (diag && len >= k) {
+                // The row's first pair, its own tile's (over_tile_rounds
+                // runs the diagonal first): the k-th largest of its logits
+                // here bounds its k-th best from below, so only the k best
+                // of them (and ties) are offered.
+                for (index_t j = 0; j < len; ++j) w.copy[static_cast<std::size_t>(j)] = view.logit(r, j);
+                sel.seed(r0 + r, kth_largest(w.copy.data(), w.spare.data(), static_cast<std::size_t>(len),
+                                             static_cast<std::size_t>(k - 1)));
+            }
+            const index_t found = view.scan_row(r, len, thr[r0 + r], w.pos.data());
+            for (index_t i = 0; i < found; ++i) {
+                const std::int32_t j = w.pos[static_cast<std::size_t>(i)];
+                sel.offer(r0 + r, view.logit(r, j), cols[j], w.scratch);
+            }
+        }
+        if (diag || top < col_floor) return;
+        const index_t found = view.scan_cols(rows, len, thr + tb * p.tb, w.pos.data(), w.masks.data());
+        for (index_t i = 0; i < found; ++i) {
+            const std::int32_t j = w.pos[static_cast<std::size_t>(i)];
+            for (std::uint32_t m = w.masks[static_cast<std::size_t>(i)]; m; m &= m - 1) {
+                const int r = __builtin_ctz(m);
+                sel.offer(tb * p.tb + j, view.logit(r, j), refs[static_cast<std::size_t>(r0 + r)], w.scratch);
+            }
+        }
+    };
+    // The double logits of a block (RowBlock, row stride ld).
+    struct LogitView {
+        const double *v, *tmax;
+        index_t ld;
+        double top(index_t r) const { return tmax[r]; }
+        double logit(index_t r, index_t j) const { return v[r * ld + j]; }
+        index_t scan_row(index_t r, index_t len, double t, std::int32_t* out) const {
+            return positions_at_least(v + r * ld, len, t, out);
+        }
+        index_t scan_cols(index_t rows, index_t len, const double* t, std::int32_t* cols, std::uint32_t* masks) const {
+            return columns_at_least(v, ld, rows, len, t, cols, masks);
+        }
+    };
     // float32 data with float distances: the leaf keeps each pair's squared
     // distance s (its logit is double(s) * -scale, the value the other
     // path computes) and the scans compare s with each threshold's bound
@@ -862,47 +913,20 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
     // it); the few entries found are offered with their exact logits, and
     // offer() drops those below the threshold. Half the bytes of double
     // logits, sixteen lanes per compare, and the same selection.
-    const auto logit = [&](float sq) { return static_cast<double>(sq) * -a.scale; };
-    const auto visit_single = [&](Work& w, index_t ta, index_t tb, double col_floor, const auto* xs) {
-        const bool diag = ta == tb;
-        const index_t len = p.len(tb), end = ta * p.tb + p.len(ta);
-        const std::int32_t* cols = refs.data() + tb * p.tb;
-        float* dist = w.dist.data();
-        for (index_t r0 = ta * p.tb; r0 < end; r0 += kRows) {
-            const index_t rows = std::min(kRows, end - r0);
-            direct_exp_sums(p.ftile(tb), ld, a.d, xs + r0 * a.d, rows, len, a.scale, sums.data() + r0,
-                            diag ? nullptr : sums.data() + tb * p.tb, dist, w.smin.data(),
-                            a.exclude_self && diag ? r0 - tb * p.tb : -1);
-            double top = kNegInf;
-            for (index_t r = 0; r < rows; ++r) {
-                const float* sr_ = dist + r * ld;
-                const double tmax = logit(w.smin[static_cast<std::size_t>(r)]);
-                top = std::max(top, tmax);
-                if (tmax < thr[r0 + r]) continue;
-                if (diag && len >= k) {
-                    // as below: the k-th largest logit of the row's own tile
-                    for (index_t j = 0; j < len; ++j) w.copy[static_cast<std::size_t>(j)] = logit(sr_[j]);
-                    sel.seed(r0 + r, kth_largest(w.copy.data(), w.spare.data(), static_cast<std::size_t>(len),
-                                                 static_cast<std::size_t>(k - 1)));
-                }
-                const index_t found = positions_at_most(sr_, len, s_bound(thr[r0 + r], a.scale), w.pos.data());
-                for (index_t i = 0; i < found; ++i) {
-                    const std::int32_t j = w.pos[static_cast<std::size_t>(i)];
-                    sel.offer(r0 + r, logit(sr_[j]), cols[j], w.scratch);
-                }
-            }
-            if (diag || top < col_floor) continue;
-            for (index_t j = 0; j < len; ++j)
-                w.bound[static_cast<std::size_t>(j)] = s_bound(thr[tb * p.tb + j], a.scale);
-            const index_t found = columns_at_most(dist, ld, rows, len, w.bound.data(), w.pos.data(), w.masks.data());
-            for (index_t i = 0; i < found; ++i) {
-                const std::int32_t j = w.pos[static_cast<std::size_t>(i)];
-                for (std::uint32_t m = w.masks[static_cast<std::size_t>(i)]; m; m &= m - 1) {
-                    const int r = __builtin_ctz(m);
-                    sel.offer(tb * p.tb + j, logit(dist[r * ld + j]), refs[static_cast<std::size_t>(r0 + r)],
-                              w.scratch);
-                }
-            }
+    struct DistView {
+        const float *s, *smin;
+        float* bound;  // room for a tile's column bounds
+        index_t ld;
+        double scale;
+        double to_logit(float sq) const { return static_cast<double>(sq) * -scale; }
+        double top(index_t r) const { return to_logit(smin[r]); }
+        double logit(index_t r, index_t j) const { return to_logit(s[r * ld + j]); }
+        index_t scan_row(index_t r, index_t len, double t, std::int32_t* out) const {
+            return positions_at_most(s + r * ld, len, s_bound(t, scale), out);
+        }
+        index_t scan_cols(index_t rows, index_t len, const double* t, std::int32_t* cols, std::uint32_t* masks) const {
+            for (index_t j = 0; j < len; ++j) bound[j] = s_bound(t[j], scale);
+            return columns_at_most(s, ld, rows, len, bound, cols, masks);
         }
     };
     const auto visit = [&](Work& w, index_t ta, index_t tb) {
@@ -918,47 +942,27 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
             }
         }
         const index_t end = ta * p.tb + p.len(ta);
-        const std::int32_t* cols = refs.data() + tb * p.tb;
         // thresholds only rise: the lowest of tb's now stays a lower bound
         const double col_floor = *std::min_element(thr + tb * p.tb, thr + tb * p.tb + len);
-        if constexpr (std::is_same_v<T, float>) {
-            if (p.single) return visit_single(w, ta, tb, col_floor, sr.x);
-        }
+        double* colsum = diag ? nullptr : sums.data() + tb * p.tb;
         for (index_t r0 = ta * p.tb; r0 < end; r0 += kRows) {
             const index_t rows = std::min(kRows, end - r0);
-            const double* v = w.block.logits.data();
+            if constexpr (std::is_same_v<T, float>) {
+                if (p.single) {
+                    // logits' sums and the float distances from one leaf,
+                    // the rows read in place (sr.x is in packed order)
+                    direct_exp_sums(p.ftile(tb), ld, a.d, sr.x + r0 * a.d, rows, len, a.scale, sums.data() + r0,
+                                    colsum, w.dist.data(), w.smin.data(),
+                                    a.exclude_self && diag ? r0 - tb * p.tb : -1);
+                    select_block(w, DistView{w.dist.data(), w.smin.data(), w.bound.data(), ld, a.scale}, r0, rows,
+                                 tb, diag, col_floor);
+                    continue;
+                }
+            }
             w.block.load(sr.x, r0, rows, a.d, p.shift(), nullptr, nullptr);
             tile_logits(p, w.block, rows, tb, a.scale, a.exclude_self && diag);
-            exp_sums(v, ld, rows, len, sums.data() + r0, diag ? nullptr : sums.data() + tb * p.tb, T{});
-            double top = kNegInf;
-            for (index_t r = 0; r < rows; ++r) {
-                const double* vr = v + r * ld;
-                top = std::max(top, w.block.tmax[r]);
-                if (w.block.tmax[r] < thr[r0 + r]) continue;
-                if (diag && len >= k) {
-                    // The row's first pair, its own tile's (over_tile_rounds
-                    // runs the diagonal first): the k-th largest of its
-                    // logits here bounds its k-th best from below, so only
-                    // the k best of them (and ties) are offered.
-                    std::copy(vr, vr + len, w.copy.begin());
-                    sel.seed(r0 + r, kth_largest(w.copy.data(), w.spare.data(), static_cast<std::size_t>(len),
-                                                 static_cast<std::size_t>(k - 1)));
-                }
-                const index_t found = positions_at_least(vr, len, thr[r0 + r], w.pos.data());
-                for (index_t i = 0; i < found; ++i) {
-                    const std::int32_t j = w.pos[static_cast<std::size_t>(i)];
-                    sel.offer(r0 + r, vr[j], cols[j], w.scratch);
-                }
-            }
-            if (diag || top < col_floor) continue;
-            const index_t found = columns_at_least(v, ld, rows, len, thr + tb * p.tb, w.pos.data(), w.masks.data());
-            for (index_t i = 0; i < found; ++i) {
-                const std::int32_t j = w.pos[static_cast<std::size_t>(i)];
-                for (std::uint32_t m = w.masks[static_cast<std::size_t>(i)]; m; m &= m - 1) {
-                    const int r = __builtin_ctz(m);
-                    sel.offer(tb * p.tb + j, v[r * ld + j], refs[static_cast<std::size_t>(r0 + r)], w.scratch);
-                }
-            }
+            exp_sums(w.block.logits.data(), ld, rows, len, sums.data() + r0, colsum, T{});
+            select_block(w, LogitView{w.block.logits.data(), w.block.tmax.data(), ld}, r0, rows, tb, diag, col_floor);
         }
     };
     over_tile_rounds<Work>(
