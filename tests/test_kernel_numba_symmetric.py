@@ -196,8 +196,10 @@ def test_single_precision_normaliser_matches_float64_reference(monkeypatch, n, d
 def test_single_precision_isolated_point(monkeypatch, gap):
     # With exclude_self, a point whose nearest neighbour's logit is -gap has
     # a row sum of about e^-gap. Above N * 2^-100 (gap 50) the float32 sums
-    # stand; below (gap 75; gap 95 is past float32 exp's floor of e^-87,
-    # the sum is 0) the normaliser is redone in float64, row by row.
+    # stand, except for that row: its log Z is below -1e-5 / (5 * 2^-24)
+    # = -33.6 (_drift_floor), so it alone is redone in float64. Below (gap
+    # 75; gap 95 is past float32 exp's floor of e^-87, the sum is 0) the
+    # whole normaliser is redone in float64, row by row.
     h = 0.1
     X = make_clusters(200, 3, h, dtype=F32, seed=3)
     top = int(np.argmax(X[:, 0]))
@@ -211,7 +213,8 @@ def test_single_precision_isolated_point(monkeypatch, gap):
     for block_size in (32, None):
         out = mapa.log_normalizer(X, bandwidth=h, exclude_self=True, block_size=block_size, backend="numba")
         assert_lognorm_close(out, ref, F32)
-    assert bool(redo) == (gap > 64.0)
+    assert len(redo) == 2
+    assert all(len(c[1]) == (len(X) if gap > 64.0 else 1) for c in redo)
 
 
 @pytest.mark.parametrize("case", ["overflow", "subnormal"])
@@ -279,7 +282,9 @@ def test_dense_self_queries_two_steps(monkeypatch, n, d, block_size, exclude_sel
     rows = _spy(monkeypatch, "_run_rows")
     kw = dict(bandwidth=h, exclude_self=exclude_self, block_size=block_size, backend="numba")
     base = mapa.log_posterior(X, num_threads=1, **kw)
-    assert base.dtype == dtype and dense and not rows
+    # no one-sided pass over every row (float32 with exclude_self may redo
+    # a few isolated rows in float64, see test_kernel_float_drift.py)
+    assert base.dtype == dtype and dense and all(len(c[1]) < n // 10 for c in rows)
     assert_logq_close(base, ref_log_posterior(X, X, h, exclude_self), dtype)
     if exclude_self:
         assert np.isneginf(np.diagonal(to_numpy(base))).all()

@@ -568,32 +568,75 @@ void over_tile_pairs(const PackedRefs& p, int threads, double scale, double floo
 // Queries are the references themselves (Y is X).
 bool self_queries(const Args& a) { return a.y == a.x && a.m == a.n; }
 
+// A one-sided pass over just the query rows `rows` (input rows, in that
+// order, every block starting at tile 0): their Order, and Args with m the
+// row count; the progress total grows by their pairs.
+struct RowsPass {
+    Args args;
+    Order order;
+};
+RowsPass rows_pass(const Args& a, std::vector<index_t> rows, Control& ctl) {
+    RowsPass r{a, Order{}};
+    r.args.m = static_cast<index_t>(rows.size());
+    r.order.queries = std::move(rows);
+    r.order.start.assign(static_cast<std::size_t>((r.args.m + kRows - 1) / kRows), 0);
+    ctl.set_total(ctl.total() + r.args.m * a.n);
+    return r;
+}
+
+// Float distances (PackedRefs::single) are within (d + 2) 2^-24 of
+// themselves (float differences, squares and sums), and so is each logit
+// l = -scale s. An entry of log q above -30 has l within 30 + H of log Z
+// (H <= log n, the row's entropy), so log q = l - log Z is off by up to
+// (d + 2) 2^-24 (2 |log Z| + 30 + H): within the float32 tolerance (1e-4)
+// while log Z >= 0, as always without exclude_self, but an isolated point's
+// log Z can be -1e5. Rows whose log Z lies below drift_floor(d), where the
+// 2 |log Z| part passes 2e-5, are redone with double distances.
+double drift_floor(index_t d) { return -1e-5 / (static_cast<double>(d + 2) * 0x1p-24); }
+
+// Double tiles of the references (packed in `perm`, or in input order), for
+// rows redone with double distances; tile 0 takes the default length.
+template <class T>
+PackedRefs double_pack(const Args& a, index_t tile, const std::vector<index_t>* perm) {
+    return pack(static_cast<const T*>(a.x), a.n, a.d, tile, a.threads, /*single=*/false,
+                perm ? perm->data() : nullptr);
+}
+
 // out[refs[i]] = log(total[i]), total[i] the sum of the exponentials of
 // packed row i (refs: order->refs, or the identity). Terms below exp's range
 // are flushed to 0 (float: e^-87, double: e^-708); a sum of at least
 // n * 2^-100 (2^-960) leaves them below 2^-26 (2^-61) of it. Rows with a
 // smaller sum (only possible with exclude_self) are redone with the
-// streaming maximum.
+// streaming maximum, and so are the rows of float distances whose log Z is
+// below drift_floor, with double distances. Returns those (input rows,
+// ascending): the other passes must redo their entries in double too.
 template <class T>
-void self_logs(const Args& a, const PackedRefs& p, const double* total, double* out, Control& ctl,
-               const Order* order) {
+std::vector<index_t> self_logs(const Args& a, const PackedRefs& p, const double* total, double* out, Control& ctl,
+                               const Order* order) {
     const index_t n = a.n;
     const index_t* refs = order ? order->refs.data() : nullptr;
     const double floor = n * (std::is_same_v<T, float> ? std::ldexp(1.0, -100) : std::ldexp(1.0, -960));
-    Order redo;
-    if (order) redo.position = order->position;
+    const double low = p.single && a.exclude_self ? drift_floor(a.d) : kNegInf;
+    std::vector<index_t> drift, again_rows;
     for (index_t i = 0; i < n; ++i) {
         const index_t g = refs ? refs[i] : i;
         out[g] = std::log(total[i]);
-        if (total[i] < floor) redo.queries.push_back(g);
+        if (out[g] < low) drift.push_back(g);
+        if (total[i] < floor || out[g] < low) again_rows.push_back(g);
     }
-    if (redo.queries.empty()) return;
-    Args b = a;
-    b.m = static_cast<index_t>(redo.queries.size());
-    redo.start.assign(static_cast<std::size_t>((b.m + kRows - 1) / kRows), 0);
-    std::vector<double> again(static_cast<std::size_t>(b.m));
-    normalizer_into<T>(b, p, again.data(), ctl, &redo);
-    for (std::size_t i = 0; i < again.size(); ++i) out[redo.queries[i]] = again[i];
+    std::sort(drift.begin(), drift.end());
+    if (again_rows.empty()) return drift;
+    RowsPass r = rows_pass(a, std::move(again_rows), ctl);
+    if (order) r.order.position = order->position;
+    std::vector<double> again(static_cast<std::size_t>(r.args.m));
+    if (drift.empty()) {
+        normalizer_into<T>(r.args, p, again.data(), ctl, &r.order);
+    } else {
+        normalizer_into<T>(r.args, double_pack<T>(a, 0, order ? &order->refs : nullptr), again.data(), ctl,
+                           &r.order);
+    }
+    for (std::size_t i = 0; i < again.size(); ++i) out[r.order.queries[i]] = again[i];
+    return drift;
 }
 
 // log-normalisers of the references as their own queries, in double, with
@@ -606,9 +649,10 @@ void self_logs(const Args& a, const PackedRefs& p, const double* total, double* 
 // that terms were lost below the exponential's range; such rows (isolated
 // points) are redone with the streaming maximum. With an order, p was
 // packed in order->refs, xrows holds the points in that order, and out is
-// still indexed by the input rows.
+// still indexed by the input rows. Returns the rows redone for the float
+// distances' sake (self_logs).
 template <class T>
-void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& ctl, const Order* order = nullptr,
+std::vector<index_t> self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& ctl, const Order* order = nullptr,
                      const T* xrows = nullptr) {
     std::vector<double> sums(static_cast<std::size_t>(a.n), 0.0);  // by packed position
     const T* x = xrows ? xrows : static_cast<const T*>(a.x);
@@ -636,7 +680,7 @@ void self_normalizer(const Args& a, const PackedRefs& p, double* out, Control& c
             tile_logits(p, b, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
             exp_sums(b.logits.data(), p.ld, rows, p.len(tb), sums.data() + r0, colsum, T{});
         });
-    self_logs<T>(a, p, sums.data(), out, ctl, order);
+    return self_logs<T>(a, p, sums.data(), out, ctl, order);
 }
 
 }  // namespace
@@ -725,7 +769,19 @@ void log_normalizer(const Args& a, T* out, Control& ctl) {
     ctl.set_total(a.m * a.n);
     if (!self_queries(a)) {
         const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, float_distances<T>(a));
-        return normalizer_into<T>(a, p, out, ctl);
+        normalizer_into<T>(a, p, out, ctl);
+        if (!p.single) return;
+        // float distances: queries far from every reference (drift_floor)
+        // again, in double
+        std::vector<index_t> rows;
+        for (index_t i = 0; i < a.m; ++i)
+            if (static_cast<double>(out[i]) < drift_floor(a.d)) rows.push_back(i);
+        if (rows.empty()) return;
+        const RowsPass r = rows_pass(a, std::move(rows), ctl);
+        std::vector<double> again(r.order.queries.size());
+        normalizer_into<T>(r.args, double_pack<T>(a, 0, nullptr), again.data(), ctl, &r.order);
+        for (std::size_t i = 0; i < again.size(); ++i) out[r.order.queries[i]] = static_cast<T>(again[i]);
+        return;
     }
     const SortedRefs<T> s = sorted_refs<T>(a);
     std::vector<double> ln(static_cast<std::size_t>(a.n));
@@ -752,41 +808,68 @@ void log_posterior(const Args& a, T* out, Control& ctl) {
         ctl.set_total(2 * a.m * a.n);
         std::vector<double> ln(static_cast<std::size_t>(a.n));
         SortedRefs<T> s = sorted_refs<T>(a);
-        self_normalizer<T>(a, s.p, ln.data(), ctl, &s.order, s.x);
+        const std::vector<index_t> drift = self_normalizer<T>(a, s.p, ln.data(), ctl, &s.order, s.x);
         const PackedRefs p = s.sorted() ? pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, s.p.single)
                                         : std::move(s.p);
-        over_query_blocks<T, NormState<T>>(
-            a, p, ctl, [&] { return NormState<T>(a.d, p.ld); },
-            [&](NormState<T>& s, index_t r0, index_t rows, index_t t) {
-                for (index_t r = 0; r < rows; ++r)
-                    store_shifted(s.block.logits.data() + r * p.ld, p.len(t), ln[static_cast<std::size_t>(r0 + r)],
-                                  out + (r0 + r) * a.n + t * p.tb);
-            },
-            [](NormState<T>&, index_t, index_t) {});
+        // the rows of order->queries (all rows without), p in input order
+        const auto write_rows = [&](const Args& b, const PackedRefs& q, const Order* order) {
+            over_query_blocks<T, NormState<T>>(
+                b, q, ctl, [&] { return NormState<T>(b.d, q.ld); },
+                [&](NormState<T>& s, index_t, index_t rows, index_t t) {
+                    for (index_t r = 0; r < rows; ++r) {
+                        const index_t g = s.block.orig[r];
+                        store_shifted(s.block.logits.data() + r * q.ld, q.len(t), ln[static_cast<std::size_t>(g)],
+                                      out + g * b.n + t * q.tb);
+                    }
+                },
+                [](NormState<T>&, index_t, index_t) {}, order);
+        };
+        write_rows(a, p, nullptr);
+        if (drift.empty()) return;
+        // rows of float distances too coarse for their log Z: again, in double
+        const RowsPass r = rows_pass(a, drift, ctl);
+        write_rows(r.args, double_pack<T>(a, 0, nullptr), &r.order);
         return;
     }
     const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, float_distances<T>(a));
     // Each tile is stored relative to the row's running max at that time;
     // the exact normaliser is folded in once the row is complete, in double.
-    over_query_blocks<T, DenseState<T>>(
-        a, p, ctl, [&] { return DenseState<T>(a.d, p.ld, p.ntiles); },
-        [&](DenseState<T>& s, index_t r0, index_t rows, index_t t) {
-            for (index_t r = 0; r < rows; ++r) {
-                const double* v = s.block.logits.data() + r * p.ld;
-                s.lse[r].update(v, p.len(t), s.block.tmax[r]);
-                const double sh = s.lse[r].max == kNegInf ? 0.0 : s.lse[r].max;
-                s.shift[r * p.ntiles + t] = sh;
-                store_shifted(v, p.len(t), sh, out + (r0 + r) * a.n + t * p.tb);
-            }
-        },
-        [&](DenseState<T>& s, index_t r0, index_t rows) {
-            for (index_t r = 0; r < rows; ++r) {
-                const double ln = s.lse[r].value();
-                T* row = out + (r0 + r) * a.n;
-                for (index_t t = 0; t < p.ntiles; ++t)
-                    add_offset(row + t * p.tb, p.len(t), s.shift[r * p.ntiles + t] - ln);
-            }
-        });
+    // The rows of order->queries (all rows without), q in input order; each
+    // row's log Z goes to ln.
+    std::vector<double> ln(static_cast<std::size_t>(a.m));
+    const auto dense_rows = [&](const Args& b, const PackedRefs& q, const Order* order) {
+        over_query_blocks<T, DenseState<T>>(
+            b, q, ctl, [&] { return DenseState<T>(b.d, q.ld, q.ntiles); },
+            [&](DenseState<T>& s, index_t, index_t rows, index_t t) {
+                for (index_t r = 0; r < rows; ++r) {
+                    const double* v = s.block.logits.data() + r * q.ld;
+                    s.lse[r].update(v, q.len(t), s.block.tmax[r]);
+                    const double sh = s.lse[r].max == kNegInf ? 0.0 : s.lse[r].max;
+                    s.shift[r * q.ntiles + t] = sh;
+                    store_shifted(v, q.len(t), sh, out + s.block.orig[r] * b.n + t * q.tb);
+                }
+            },
+            [&](DenseState<T>& s, index_t, index_t rows) {
+                for (index_t r = 0; r < rows; ++r) {
+                    const double lg = s.lse[r].value();
+                    ln[static_cast<std::size_t>(s.block.orig[r])] = lg;
+                    T* row = out + s.block.orig[r] * b.n;
+                    for (index_t t = 0; t < q.ntiles; ++t)
+                        add_offset(row + t * q.tb, q.len(t), s.shift[r * q.ntiles + t] - lg);
+                }
+            },
+            order);
+    };
+    dense_rows(a, p, nullptr);
+    if (!p.single) return;
+    // float distances: queries far from every reference (drift_floor)
+    // again, in double
+    std::vector<index_t> rows;
+    for (index_t i = 0; i < a.m; ++i)
+        if (ln[static_cast<std::size_t>(i)] < drift_floor(a.d)) rows.push_back(i);
+    if (rows.empty()) return;
+    const RowsPass r = rows_pass(a, std::move(rows), ctl);
+    dense_rows(r.args, double_pack<T>(a, 0, nullptr), &r.order);
 }
 
 namespace {
@@ -806,6 +889,124 @@ struct TopKState : NormState<T> {
         for (auto& h : bound) h.reset();
     }
 };
+}  // namespace
+
+namespace {
+// Top-k of the query rows order.queries (all of them, a.m), one-sided: the
+// references packed in order.refs (p), each block of rows sweeping the tiles
+// from order.start. Outputs are indexed by input row.
+template <class T>
+void one_sided_topk(const Args& a, const PackedRefs& p, const Order& order, index_t k, index_t* indices, T* log_prob,
+                    T* log_norm, Control& ctl) {
+    // One pass over the references streams the normaliser and keeps, per row,
+    // the 16-column blocks whose maxima are among the k largest, ties at the
+    // k-th value L included. L is a lower bound on the k-th best entry (k
+    // distinct blocks reach it), and every entry at or above L sits in a block
+    // whose maximum is >= L, so the k best (ties broken by index) all lie in
+    // the kept blocks. Only those are recomputed, with the same arithmetic
+    // and hence bit for bit the same values, and searched for the k best.
+    const index_t per_tile = p.ld / 16;  // block ids: t * per_tile + column / 16
+    const index_t* refs = order.refs.data();
+    over_query_blocks<T, TopKState<T>>(
+        a, p, ctl, [&] { return TopKState<T>(a.d, p.ld, k); },
+        [&](TopKState<T>& s, index_t, index_t rows, index_t t) {
+            for (index_t r = 0; r < rows; ++r) {
+                const double* v = s.block.logits.data() + r * p.ld;
+                s.lse[r].update(v, p.len(t), s.block.tmax[r]);
+                // a tile whose maximum is below the bound's threshold has no
+                // block that could enter; with the locality order most are
+                if (s.block.tmax[r] < s.bound[r].threshold()) continue;
+                const index_t nb = block_max16(v, p.len(t), s.maxima.data());
+                s.bound[r].offer(s.maxima.data(), nb, t * per_tile);
+            }
+        },
+        [&](TopKState<T>& s, index_t, index_t rows) {
+            // Each row's candidate blocks, best maximum first, four per leaf
+            // call; once the row's k-th best so far exceeds the next block's
+            // maximum, no later block can contribute.
+            for (index_t r = 0; r < rows; ++r) {
+                TopK& best = s.heaps[r];
+                TopK& bound = s.bound[r];
+                best.seed(bound.kth_value());
+                const std::size_t nb = bound.keep_best();
+                s.rank.resize(nb);
+                s.order.resize(nb);
+                bound.rank_into(s.rank.data());
+                for (std::size_t i = 0; i < nb; ++i) s.order[static_cast<std::size_t>(s.rank[i])] = i;
+                const double* y = s.block.y.data() + r * a.d;
+                const float* yf = s.block.yf.data() + r * a.d;
+                for (std::size_t i0 = 0; i0 < nb; i0 += 4) {
+                    const double *xt[4], *xn[4], *ys[4] = {y, y, y, y};
+                    const float *xf[4], *ysf[4] = {yf, yf, yf, yf};
+                    const double yn[4] = {s.block.ynorm[r], s.block.ynorm[r], s.block.ynorm[r], s.block.ynorm[r]};
+                    index_t c0s[4], ts[4], n = 0;
+                    for (; n < 4 && i0 + n < nb; ++n) {
+                        const std::size_t e = s.order[i0 + n];
+                        if (bound.value(e) < best.threshold()) break;
+                        const index_t id = bound.index(e);
+                        ts[n] = id / per_tile;
+                        c0s[n] = (id % per_tile) * 16;
+                        if (p.single) {
+                            xf[n] = p.ftile(ts[n]) + c0s[n];
+                        } else {
+                            xt[n] = p.tile(ts[n]) + c0s[n];
+                            xn[n] = p.expand ? p.norm(ts[n]) + c0s[n] : nullptr;
+                        }
+                    }
+                    if (n == 0) break;
+                    if (p.single) {
+                        logits_visits(xf, p.ld, a.d, ysf, n, a.scale, s.cand.data());
+                    } else {
+                        logits_visits(xt, p.expand ? xn : nullptr, p.ld, a.d, ys, yn, n, a.scale, s.cand.data());
+                    }
+                    for (index_t i = 0; i < n; ++i) {
+                        const index_t t = ts[i], c0 = c0s[i];
+                        const index_t len = std::min<index_t>(16, p.len(t) - c0);
+                        double* vals = s.cand.data() + 16 * i;
+                        const index_t self = s.block.self[r] - t * p.tb - c0;
+                        if (a.exclude_self && self >= 0 && self < len) vals[self] = kNegInf;
+                        best.offer(vals, len, refs + t * p.tb + c0);
+                    }
+                    if (n < 4) break;
+                }
+            }
+            for (index_t r = 0; r < rows; ++r) {
+                const index_t g = s.block.orig[r];
+                TopK& best = s.heaps[r];
+                const double ln = s.lse[r].value();
+                log_norm[g] = static_cast<T>(ln);
+                const auto& sorted = best.sorted();
+                for (index_t j = 0; j < k; ++j) {
+                    const auto& e = sorted[static_cast<std::size_t>(j)];
+                    indices[g * k + j] = e.second;
+                    log_prob[g * k + j] = static_cast<T>(e.first - ln);
+                }
+            }
+        },
+        &order);
+}
+
+// Rows whose float distances are too coarse for their log Z (drift_floor),
+// again, one-sided, with double distances. rows[i] is an input query row
+// and near[i] the packed position (in ord.refs) of a reference near it,
+// where its sweep starts; ord gives the references' order (refs, and
+// position for exclude_self).
+template <class T>
+void redo_topk(const Args& a, index_t k, const std::vector<index_t>& rows, const std::vector<index_t>& near,
+               const Order& ord, index_t* indices, T* log_prob, T* log_norm, Control& ctl) {
+    if (rows.empty()) return;
+    std::vector<std::pair<index_t, index_t>> by_near(rows.size());
+    for (std::size_t i = 0; i < rows.size(); ++i) by_near[i] = {near[i], rows[i]};
+    std::sort(by_near.begin(), by_near.end());
+    std::vector<index_t> sorted(rows.size());
+    for (std::size_t i = 0; i < rows.size(); ++i) sorted[i] = by_near[i].second;
+    RowsPass r = rows_pass(a, std::move(sorted), ctl);
+    r.order.refs = ord.refs;
+    if (a.exclude_self) r.order.position = ord.position;
+    const PackedRefs p = double_pack<T>(a, 0, &r.order.refs);
+    for (std::size_t i = 0; i < by_near.size(); i += kRows) r.order.start[i / kRows] = by_near[i].first / p.tb;
+    one_sided_topk<T>(r.args, p, r.order, k, indices, log_prob, log_norm, ctl);
+}
 }  // namespace
 
 namespace {
@@ -980,7 +1181,7 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
         },
         visit, [&](index_t ta, index_t tb) { return pair_units(p, ta, tb); });
     std::vector<double> ln(static_cast<std::size_t>(n));
-    self_logs<T>(a, p, sums.data(), ln.data(), ctl, &sr.order);
+    const std::vector<index_t> drift = self_logs<T>(a, p, sums.data(), ln.data(), ctl, &sr.order);
     // Each row's best k, best first; fewer than k only if fewer finite
     // logits exist (the rest: index -1, log q = -inf).
     struct Out {
@@ -1006,6 +1207,10 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
             }
         },
         [](index_t) { return index_t{0}; });
+    // rows of float distances too coarse for their log Z: again, in double
+    std::vector<index_t> near(drift.size());
+    for (std::size_t i = 0; i < drift.size(); ++i) near[i] = sr.order.position[static_cast<std::size_t>(drift[i])];
+    redo_topk<T>(a, k, drift, near, sr.order, indices, log_prob, log_norm, ctl);
 }
 }  // namespace
 
@@ -1014,97 +1219,24 @@ void topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* log_norm, 
     ctl.set_total(a.m * a.n);
     if (self_queries(a) && a.n < (index_t{1} << 31) && RowSelect::bytes(a.n, k) <= kSymmetricTopkBytes)
         return symmetric_topk<T>(a, k, indices, log_prob, log_norm, ctl);
+    // Queries other than the references (or a selection state over
+    // kSymmetricTopkBytes) take the one-sided form.
     const bool single = float_distances<T>(a);
     const Order order = locality_order<T>(a, tile_length(a.n, a.d, a.tile, single));
     const PackedRefs p = pack(static_cast<const T*>(a.x), a.n, a.d, a.tile, a.threads, single, order.refs.data());
-    // Queries other than the references (or a selection state over
-    // kSymmetricTopkBytes) take the one-sided form below.
-    // One pass over the references streams the normaliser and keeps, per row,
-    // the 16-column blocks whose maxima are among the k largest, ties at the
-    // k-th value L included. L is a lower bound on the k-th best entry (k
-    // distinct blocks reach it), and every entry at or above L sits in a block
-    // whose maximum is >= L, so the k best (ties broken by index) all lie in
-    // the kept blocks. Only those are recomputed, with the same arithmetic
-    // and hence bit for bit the same values, and searched for the k best.
-    const index_t per_tile = p.ld / 16;  // block ids: t * per_tile + column / 16
-    const index_t* refs = order.refs.data();
-    over_query_blocks<T, TopKState<T>>(
-        a, p, ctl, [&] { return TopKState<T>(a.d, p.ld, k); },
-        [&](TopKState<T>& s, index_t, index_t rows, index_t t) {
-            for (index_t r = 0; r < rows; ++r) {
-                const double* v = s.block.logits.data() + r * p.ld;
-                s.lse[r].update(v, p.len(t), s.block.tmax[r]);
-                // a tile whose maximum is below the bound's threshold has no
-                // block that could enter; with the locality order most are
-                if (s.block.tmax[r] < s.bound[r].threshold()) continue;
-                const index_t nb = block_max16(v, p.len(t), s.maxima.data());
-                s.bound[r].offer(s.maxima.data(), nb, t * per_tile);
-            }
-        },
-        [&](TopKState<T>& s, index_t, index_t rows) {
-            // Each row's candidate blocks, best maximum first, four per leaf
-            // call; once the row's k-th best so far exceeds the next block's
-            // maximum, no later block can contribute.
-            for (index_t r = 0; r < rows; ++r) {
-                TopK& best = s.heaps[r];
-                TopK& bound = s.bound[r];
-                best.seed(bound.kth_value());
-                const std::size_t nb = bound.keep_best();
-                s.rank.resize(nb);
-                s.order.resize(nb);
-                bound.rank_into(s.rank.data());
-                for (std::size_t i = 0; i < nb; ++i) s.order[static_cast<std::size_t>(s.rank[i])] = i;
-                const double* y = s.block.y.data() + r * a.d;
-                const float* yf = s.block.yf.data() + r * a.d;
-                for (std::size_t i0 = 0; i0 < nb; i0 += 4) {
-                    const double *xt[4], *xn[4], *ys[4] = {y, y, y, y};
-                    const float *xf[4], *ysf[4] = {yf, yf, yf, yf};
-                    const double yn[4] = {s.block.ynorm[r], s.block.ynorm[r], s.block.ynorm[r], s.block.ynorm[r]};
-                    index_t c0s[4], ts[4], n = 0;
-                    for (; n < 4 && i0 + n < nb; ++n) {
-                        const std::size_t e = s.order[i0 + n];
-                        if (bound.value(e) < best.threshold()) break;
-                        const index_t id = bound.index(e);
-                        ts[n] = id / per_tile;
-                        c0s[n] = (id % per_tile) * 16;
-                        if (p.single) {
-                            xf[n] = p.ftile(ts[n]) + c0s[n];
-                        } else {
-                            xt[n] = p.tile(ts[n]) + c0s[n];
-                            xn[n] = p.expand ? p.norm(ts[n]) + c0s[n] : nullptr;
-                        }
-                    }
-                    if (n == 0) break;
-                    if (p.single) {
-                        logits_visits(xf, p.ld, a.d, ysf, n, a.scale, s.cand.data());
-                    } else {
-                        logits_visits(xt, p.expand ? xn : nullptr, p.ld, a.d, ys, yn, n, a.scale, s.cand.data());
-                    }
-                    for (index_t i = 0; i < n; ++i) {
-                        const index_t t = ts[i], c0 = c0s[i];
-                        const index_t len = std::min<index_t>(16, p.len(t) - c0);
-                        double* vals = s.cand.data() + 16 * i;
-                        const index_t self = s.block.self[r] - t * p.tb - c0;
-                        if (a.exclude_self && self >= 0 && self < len) vals[self] = kNegInf;
-                        best.offer(vals, len, refs + t * p.tb + c0);
-                    }
-                    if (n < 4) break;
-                }
-            }
-            for (index_t r = 0; r < rows; ++r) {
-                const index_t g = s.block.orig[r];
-                TopK& best = s.heaps[r];
-                const double ln = s.lse[r].value();
-                log_norm[g] = static_cast<T>(ln);
-                const auto& sorted = best.sorted();
-                for (index_t j = 0; j < k; ++j) {
-                    const auto& e = sorted[static_cast<std::size_t>(j)];
-                    indices[g * k + j] = e.second;
-                    log_prob[g * k + j] = static_cast<T>(e.first - ln);
-                }
-            }
-        },
-        &order);
+    one_sided_topk<T>(a, p, order, k, indices, log_prob, log_norm, ctl);
+    if (!single) return;
+    // float distances: rows whose log Z is too low for them (a query far
+    // from every reference, or an isolated point with exclude_self), each
+    // starting where its block did
+    std::vector<index_t> rows, near;
+    for (std::size_t i = 0; i < order.queries.size(); ++i) {
+        const index_t g = order.queries[i];
+        if (!(static_cast<double>(log_norm[g]) < drift_floor(a.d))) continue;
+        rows.push_back(g);
+        near.push_back(order.start[i / kRows] * p.tb);
+    }
+    redo_topk<T>(a, k, rows, near, order, indices, log_prob, log_norm, ctl);
 }
 
 namespace {
@@ -1223,14 +1355,22 @@ void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
     const PackedRefs& p = sr.p;
     // Pass 1: exact log-normaliser of every row (by input row), in double.
     std::vector<double> lnorm(static_cast<std::size_t>(n));
-    self_normalizer<T>(a, p, lnorm.data(), ctl, &sr.order, sr.x);
-    // Pass 2: the sums, each pair once, and the rows left over one-sided.
+    const std::vector<index_t> drift = self_normalizer<T>(a, p, lnorm.data(), ctl, &sr.order, sr.x);
+    // Pass 2: the sums, each pair once, and the rows left over one-sided
+    // (log Z < 0), with double distances if any of them needs them
+    // (drift_floor: they are among the rest).
     std::vector<double> tot(static_cast<std::size_t>(p.ntiles * dw * p.ld), 0.0);
     std::vector<index_t> rest;
     symmetric_targets<T>(a, p, sr.order, sr.x, lnorm.data(), tot.data(), rest, ctl);
     if (!rest.empty()) {
         ctl.set_total(ctl.total() + static_cast<index_t>(rest.size()) * n);
-        one_sided_targets<T>(a, p, sr.order, lnorm.data(), rest, tot.data(), ctl);
+        if (drift.empty()) {
+            one_sided_targets<T>(a, p, sr.order, lnorm.data(), rest, tot.data(), ctl);
+        } else {
+            // the same tiles (tot's layout), in double
+            one_sided_targets<T>(a, double_pack<T>(a, p.tb, &sr.order.refs), sr.order, lnorm.data(), rest,
+                                 tot.data(), ctl);
+        }
     }
     // Back from shifted coordinates (x = x~ + c) when the tiles were shifted.
     const double* c = p.shift();

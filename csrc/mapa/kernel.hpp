@@ -3,8 +3,9 @@
 // Inputs are C-contiguous references X (n, d) and queries Y (m, d) of type T
 // (float or double), already centred by the caller. All arithmetic is in
 // double, except that float32 problems with at most kDirectMaxFeatures
-// features form squared distances and the exponentials in float; results
-// are converted to T only when written. No function holds an
+// features form squared distances and the exponentials in float (rows whose
+// log Z is too low for float distances are redone in double, drift_floor in
+// kernel.cpp); results are converted to T only when written. No function holds an
 // (m, n) matrix except log_posterior, whose output is that matrix.
 #pragma once
 

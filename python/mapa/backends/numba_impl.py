@@ -39,7 +39,9 @@ float32 from explicit differences, multiplied by -scale in float32, and
 int32 bits ``(k + 127) << 23``; arguments below -87 give 0). Each row's
 terms are summed over one tile, and each column's over 16 rows, in float32;
 those partial sums go into the float64 sums. Twice the SIMD width of
-float64, and half the bytes.
+float64, and half the bytes. With exclude_self, a row whose log Z then lies
+below ``_drift_floor`` (an isolated point, whose logits' float32 error
+would reach log q) is redone alone, one-sided in float64.
 
 Top-k keeps a bounded max-heap per row on (distance, index), so ties in
 distance go to the lower index; the reference sorts by log-probability, which
@@ -829,7 +831,7 @@ def _write_block(XT, Y, scale, excl, row0, q0, nq, tile, dm, ls, dense, dbuf):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _rows_kernel(XT, Y, scale, excl, row0, tile, qb, mode, dmin_out, logs_out, dense, top_i, top_d):
+def _rows_kernel(XT, Y, scale, excl, row0, sidx, tile, qb, mode, dmin_out, logs_out, dense, top_i, top_d):
     """One pass over all references per block of query rows.
 
     Per query row r: dmin_out[r] = smallest squared distance and logs_out[r] =
@@ -840,7 +842,8 @@ def _rows_kernel(XT, Y, scale, excl, row0, tile, qb, mode, dmin_out, logs_out, d
     pass, distances recomputed; separate queries only, self-queries take
     the symmetric normaliser and _dense_rows); 2: also the top-k
     (k = top_d.shape[1]) by a bounded heap on (distance, index), returned sorted, top_d as log q.
-    Query row r of Y has global index row0 + r (its self column with ``excl``).
+    Query row r of Y has global index row0 + r, or sidx[r] when sidx is not
+    empty (its self column with ``excl``; mode 0 only with sidx).
     """
     N = XT.shape[1]
     M = Y.shape[0]
@@ -871,7 +874,7 @@ def _rows_kernel(XT, Y, scale, excl, row0, tile, qb, mode, dmin_out, logs_out, d
                     d2 = dbuf[h]
                     d2i = ibuf[h]
                     r = q0 + qq
-                    self_col = row0 + r if excl else -1
+                    self_col = (sidx[r] if sidx.shape[0] > 0 else row0 + r) if excl else -1
                     if j0 <= self_col < j0 + nb:
                         d2[self_col - j0] = np.inf
                     dt = _min_dist(d2i, nb, bits, bitsf)
@@ -1255,8 +1258,17 @@ _NO_DENSE = np.empty((0, 0), dtype=np.float64)
 _NO_IDX = np.empty((0, 0), dtype=np.int64)
 
 
-def _run_rows(XT, Y64, scale, exclude_self, block_size, num_threads, progress, mode, dense, top_i, top_d):
-    """Run the row kernel in chunks; returns (dmin, logs), float64 (M,)."""
+_NO_ROWS = np.empty(0, dtype=np.int64)
+
+
+def _run_rows(
+    XT, Y64, scale, exclude_self, block_size, num_threads, progress, mode, dense, top_i, top_d, rows=_NO_ROWS
+):
+    """Run the row kernel in chunks; returns (dmin, logs), float64 (M,).
+
+    ``rows`` (mode 0): Y64 holds the references ``rows`` (int64), whose self
+    columns those are with ``exclude_self``; empty: row r is reference r.
+    """
     M, N, D = Y64.shape[0], XT.shape[1], XT.shape[0]
     tile = min(int(block_size) if block_size > 0 else _default_tile(D), N)
     dmin = np.empty(M, dtype=np.float64)
@@ -1269,6 +1281,7 @@ def _run_rows(XT, Y64, scale, exclude_self, block_size, num_threads, progress, m
                 float(scale),
                 bool(exclude_self),
                 a,
+                rows[a:b],
                 tile,
                 _query_block(b - a, nt),
                 mode,
@@ -1310,7 +1323,18 @@ def _float_distances(X, scale) -> bool:
     return bool(np.abs(X).max() < np.float32(4e18 / math.sqrt(D)))
 
 
-def _from_self_sums(sums, X64, XT, scale, exclude_self, block_size, num_threads, floor=_SELF_SUM_FLOOR):
+def _drift_floor(D: int) -> float:
+    """log Z below which a row of float32 distances is redone in float64.
+
+    The cpp rule (drift_floor in csrc/mapa/kernel.cpp): float32 squared
+    distances are within (D + 2) 2^-24 of themselves, so a kept entry's
+    log q = logit - log Z is off by up to (D + 2) 2^-24 (2 |log Z| + 30 + H).
+    Below this floor the 2 |log Z| part passes 2e-5.
+    """
+    return -1e-5 * 2.0**24 / (D + 2)
+
+
+def _from_self_sums(sums, X64, XT, scale, exclude_self, block_size, num_threads, floor=_SELF_SUM_FLOOR, single=False):
     """(dmin, logs) from the symmetric row sums of exp(-scale d).
 
     The log of the row sum is exact because every logit is <= 0 (the self
@@ -1319,14 +1343,22 @@ def _from_self_sums(sums, X64, XT, scale, exclude_self, block_size, num_threads,
     the targets pass needs logs >= 0 to bound log q by its tile test. With
     exclude_self and a row sum near the exponential's floor (below
     N * floor), the one-sided pass (streaming minimum, float64) is run
-    instead, without progress reports (they would go backwards).
+    instead, without progress reports (they would go backwards). Sums of
+    float32 distances (``single``) with exclude_self: the rows whose log Z
+    is below _drift_floor (isolated points) are redone that way, alone.
     """
-    N = X64.shape[0]
+    N, D = X64.shape
     if exclude_self and sums.min() < N * floor:
         return _run_rows(XT, X64, scale, exclude_self, block_size, num_threads, None, 0, _NO_DENSE, _NO_IDX, _NO_DENSE)
     ln = np.log(sums)
     neg = ln < 0.0
-    return np.where(neg, -ln / float(scale), 0.0), np.where(neg, 0.0, ln)
+    dmin, logs = np.where(neg, -ln / float(scale), 0.0), np.where(neg, 0.0, ln)
+    rows = np.flatnonzero(ln < _drift_floor(D)) if single and exclude_self else _NO_ROWS
+    if rows.size:
+        dmin[rows], logs[rows] = _run_rows(
+            XT, X64[rows], scale, True, block_size, num_threads, None, 0, _NO_DENSE, _NO_IDX, _NO_DENSE, rows
+        )
+    return dmin, logs
 
 
 def _self_log_norm(X, X64, XT, scale, exclude_self, block_size, num_threads, progress):
@@ -1339,7 +1371,8 @@ def _self_log_norm(X, X64, XT, scale, exclude_self, block_size, num_threads, pro
     N, D = X64.shape
     tile = _pair_tile(N, D, block_size)
     sums = np.zeros(N)
-    if _float_distances(X, scale):
+    single = _float_distances(X, scale)
+    if single:
         Xk = np.ascontiguousarray(X, dtype=np.float32)
         XTk = np.ascontiguousarray(Xk.T)
         kernel, floor = _sums_rounds_f, _SELF_SUM_FLOOR_F
@@ -1351,7 +1384,7 @@ def _self_log_norm(X, X64, XT, scale, exclude_self, block_size, num_threads, pro
 
     with _Threads(num_threads) as threads:
         _over_rounds(N, D, tile, threads, run, progress)
-    return _from_self_sums(sums, X64, XT, scale, exclude_self, block_size, num_threads, floor)
+    return _from_self_sums(sums, X64, XT, scale, exclude_self, block_size, num_threads, floor, single)
 
 
 def log_normalizer(X, Y, scale, exclude_self, block_size=0, num_threads=1, progress=None):
