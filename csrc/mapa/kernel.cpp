@@ -608,11 +608,12 @@ PackedRefs double_pack(const Args& a, index_t tile, const std::vector<index_t>* 
 // n * 2^-100 (2^-960) leaves them below 2^-26 (2^-61) of it. Rows with a
 // smaller sum (only possible with exclude_self) are redone with the
 // streaming maximum, and so are the rows of float distances whose log Z is
-// below drift_floor, with double distances. Returns those (input rows,
-// ascending): the other passes must redo their entries in double too.
+// below drift_floor, with double distances (unless the caller redoes them
+// whole: !redo_drift). Returns those (input rows, ascending): the other
+// passes must redo their entries in double too.
 template <class T>
 std::vector<index_t> self_logs(const Args& a, const PackedRefs& p, const double* total, double* out, Control& ctl,
-                               const Order* order) {
+                               const Order* order, bool redo_drift = true) {
     const index_t n = a.n;
     const index_t* refs = order ? order->refs.data() : nullptr;
     const double floor = n * (std::is_same_v<T, float> ? std::ldexp(1.0, -100) : std::ldexp(1.0, -960));
@@ -622,14 +623,14 @@ std::vector<index_t> self_logs(const Args& a, const PackedRefs& p, const double*
         const index_t g = refs ? refs[i] : i;
         out[g] = std::log(total[i]);
         if (out[g] < low) drift.push_back(g);
-        if (total[i] < floor || out[g] < low) again_rows.push_back(g);
+        if (out[g] < low ? redo_drift : total[i] < floor) again_rows.push_back(g);
     }
     std::sort(drift.begin(), drift.end());
     if (again_rows.empty()) return drift;
     RowsPass r = rows_pass(a, std::move(again_rows), ctl);
     if (order) r.order.position = order->position;
     std::vector<double> again(static_cast<std::size_t>(r.args.m));
-    if (drift.empty()) {
+    if (drift.empty() || !redo_drift) {
         normalizer_into<T>(r.args, p, again.data(), ctl, &r.order);
     } else {
         normalizer_into<T>(r.args, double_pack<T>(a, 0, order ? &order->refs : nullptr), again.data(), ctl,
@@ -1181,7 +1182,8 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
         },
         visit, [&](index_t ta, index_t tb) { return pair_units(p, ta, tb); });
     std::vector<double> ln(static_cast<std::size_t>(n));
-    const std::vector<index_t> drift = self_logs<T>(a, p, sums.data(), ln.data(), ctl, &sr.order);
+    // (rows redone for their float distances are redone whole below)
+    const std::vector<index_t> drift = self_logs<T>(a, p, sums.data(), ln.data(), ctl, &sr.order, false);
     // Each row's best k, best first; fewer than k only if fewer finite
     // logits exist (the rest: index -1, log q = -inf).
     struct Out {
