@@ -16,7 +16,12 @@ torch and the cpp kernel on 2 threads unless stated):
    its own output), and >= 5x faster than torch dense+log_softmax.
 4. Threads (D = 2, N = ``--thread-size``): time at 1 thread / time at 2 >= 1.8.
 
-Every time is the median of ``--repeats`` calls after one warm-up call.
+Every time is the median of ``--repeats`` calls after one warm-up call. The
+calls a target compares run interleaved (one of each per round, the order
+reversed every other round), so a change in the machine's load from other
+processes falls on both sides of a ratio alike; torch dense+log_softmax and
+FAISS run alone (torch's gigabytes of freed temporaries slowed the next
+call's page faults up to tenfold when interleaved).
 Writes ``<out>/targets.md`` and ``<out>/targets.json``. Full run, on a quiet
 machine::
 
@@ -62,17 +67,21 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def timed(call, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls after one warm-up call; outputs are dropped at once."""
-    times = []
+def timed(calls: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call's ``repeats`` timed runs, interleaved: a warm-up round, then
+    rounds that run every call once, in reversed order every other round. Outputs are
+    dropped at once."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(repeats + 1):
-        gc.collect()
-        t0 = time.perf_counter()
-        out = call()
-        t = time.perf_counter() - t0
-        del out
-        if i:
-            times.append(t)
+        for name in names if i % 2 == 0 else names[::-1]:
+            gc.collect()
+            t0 = time.perf_counter()
+            out = calls[name]()
+            t = time.perf_counter() - t0
+            del out
+            if i:
+                times[name].append(t)
     return times
 
 
@@ -84,16 +93,19 @@ class Report:
         self.timings: list[dict] = []
         self.checks: list[dict] = []
 
-    def time(self, case: str, call_name: str, call, N: int, repeats: int, **extra) -> float:
-        times = timed(call, repeats)
-        s = statistics.median(times)
-        row = {"case": case, "call": call_name, "median_s": s, "gpairs_per_s": N * N / s / 1e9}
-        row.update({k: f(s) for k, f in extra.items()})
-        row["times_s"] = times
-        self.timings.append(row)
-        more = "".join(f", {k} {v:.3g}" for k, v in row.items() if k not in ("case", "call", "median_s", "times_s"))
-        log(f"  {case:14s} {call_name:34s} {s:9.4f} s{more}")
-        return s
+    def time(self, case: str, calls: dict, N: int, repeats: int, **extra) -> dict[str, float]:
+        """Median seconds of each named call, timed interleaved (see ``timed``)."""
+        medians = {}
+        for call_name, times in timed(calls, repeats).items():
+            s = medians[call_name] = statistics.median(times)
+            row = {"case": case, "call": call_name, "median_s": s, "gpairs_per_s": N * N / s / 1e9}
+            row.update({k: f(s) for k, f in extra.items()})
+            row["times_s"] = times
+            self.timings.append(row)
+            more = "".join(f", {k} {v:.3g}" for k, v in row.items()
+                           if k not in ("case", "call", "median_s", "times_s"))
+            log(f"  {case:14s} {call_name:34s} {s:9.4f} s{more}")
+        return medians
 
     def check(self, case: str, measure: str, value: float | None, op: str, target: float, unit: str = "",
               reason: str = "") -> None:
@@ -125,8 +137,10 @@ def low_d(rep: Report, N: int, D: int, repeats: int, faiss, faiss_missing: str |
     case = f"N={N} D={D}"
     log(f"[low D] {case}")
     X, h = kc.make_data(N, D)
-    t = {f: rep.time(case, f"cpp {f}", cpp(f, X, h), N, repeats) for f in CPP_FUNCTIONS}
-    t_torch = rep.time(case, kc.TORCH_DENSE, kc.torch_dense_call(kc.torch_tensor(X), h), N, repeats)
+    m = rep.time(case, {f"cpp {f}": cpp(f, X, h) for f in CPP_FUNCTIONS}, N, repeats)
+    t = {f: m[f"cpp {f}"] for f in CPP_FUNCTIONS}
+    # the peers alone: torch's gigabytes of temporaries would slow the next call's page faults
+    t_torch = rep.time(case, {kc.TORCH_DENSE: kc.torch_dense_call(kc.torch_tensor(X), h)}, N, repeats)[kc.TORCH_DENSE]
     rep.check(case, "log_normalizer throughput", N * N / t["log_normalizer"] / 1e9, ">=", 4, " G pairs/s")
     rep.check(case, "log_posterior_topk / log_normalizer time", t["log_posterior_topk"] / t["log_normalizer"],
               "<=", 1.5)
@@ -136,16 +150,10 @@ def low_d(rep: Report, N: int, D: int, repeats: int, faiss, faiss_missing: str |
         rep.check(case, f"torch dense+log_softmax / cpp {f} time", t_torch / t[f], ">=", 10)
     ratio = None
     if faiss is not None:
-
-        def add():
-            index = faiss.IndexFlatL2(D)
-            index.add(X)
-            return index
-
-        rep.time(case, "faiss IndexFlatL2 add", add, N, repeats)
-        index = add()
-        t_faiss = rep.time(case, f"faiss IndexFlatL2 search k={kc.K}", lambda: index.search(X, kc.K), N, repeats)
-        ratio = t_faiss / t["log_posterior_topk"]
+        index = faiss.IndexFlatL2(D)
+        index.add(X)
+        search = f"faiss IndexFlatL2 search k={kc.K}"
+        ratio = rep.time(case, {search: lambda: index.search(X, kc.K)}, N, repeats)[search] / t["log_posterior_topk"]
     rep.check(case, f"faiss search / cpp log_posterior_topk time (k={kc.K})", ratio, ">=", 1,
               reason=faiss_missing or "")
 
@@ -158,10 +166,11 @@ def high_d(rep: Report, N: int, D: int, repeats: int) -> None:
     X, h = kc.make_data(N, D)
     Xt = kc.torch_tensor(X)
     gflops = {"gflop_per_s": lambda s: 2 * N * N * D / s / 1e9}
-    t_mm = rep.time(case, "torch.mm(Yt, Xt.T)", lambda: torch.mm(Xt, Xt.T), N, repeats, **gflops)
+    calls = {"torch.mm(Yt, Xt.T)": lambda: torch.mm(Xt, Xt.T)}
+    calls.update({f"cpp {f}": cpp(f, X, h) for f in CPP_FUNCTIONS})
+    m = rep.time(case, calls, N, repeats, **gflops)
     for f in CPP_FUNCTIONS:
-        t = rep.time(case, f"cpp {f}", cpp(f, X, h), N, repeats, **gflops)
-        rep.check(case, f"cpp {f} / torch.mm time", t / t_mm, "<=", 1.25)
+        rep.check(case, f"cpp {f} / torch.mm time", m[f"cpp {f}"] / m["torch.mm(Yt, Xt.T)"], "<=", 1.25)
 
 
 def dense(rep: Report, N: int, D: int, repeats: int) -> None:
@@ -169,14 +178,16 @@ def dense(rep: Report, N: int, D: int, repeats: int) -> None:
     log(f"[dense] {case}")
     X, h = kc.make_data(N, D)
     bandwidth = {"gbytes_per_s": lambda s: N * N * 4 / s / 1e9}
-    t = rep.time(case, "cpp log_posterior", cpp("log_posterior", X, h), N, repeats, **bandwidth)
-    t_torch = rep.time(case, kc.TORCH_DENSE, kc.torch_dense_call(kc.torch_tensor(X), h), N, repeats)
-    t_fresh = rep.time(case, "np.empty + fill (fresh)", lambda: np.empty((N, N), np.float32).fill(1.0),
-                       N, repeats, **bandwidth)
     touched = np.empty((N, N), np.float32)
     touched.fill(0.0)  # first touch, outside the timing
-    rep.time(case, "fill (touched)", lambda: touched.fill(1.0), N, repeats, **bandwidth)
-    rep.check(case, "cpp log_posterior / fresh write time", t / t_fresh, "<=", 1.5)
+    m = rep.time(case, {
+        "cpp log_posterior": cpp("log_posterior", X, h),
+        "np.empty + fill (fresh)": lambda: np.empty((N, N), np.float32).fill(1.0),
+        "fill (touched)": lambda: touched.fill(1.0),
+    }, N, repeats, **bandwidth)
+    t = m["cpp log_posterior"]
+    t_torch = rep.time(case, {kc.TORCH_DENSE: kc.torch_dense_call(kc.torch_tensor(X), h)}, N, repeats)[kc.TORCH_DENSE]
+    rep.check(case, "cpp log_posterior / fresh write time", t / m["np.empty + fill (fresh)"], "<=", 1.5)
     rep.check(case, "torch dense+log_softmax / cpp log_posterior time", t_torch / t, ">=", 5)
 
 
@@ -185,9 +196,9 @@ def threads(rep: Report, N: int, repeats: int) -> None:
     log(f"[threads] {case}")
     X, h = kc.make_data(N, THREAD_DIM)
     for f in CPP_FUNCTIONS:
-        t1 = rep.time(case, f"cpp {f} 1 thread", cpp(f, X, h, num_threads=1), N, repeats)
-        t2 = rep.time(case, f"cpp {f} 2 threads", cpp(f, X, h, num_threads=2), N, repeats)
-        rep.check(case, f"cpp {f} time 1 thread / 2 threads", t1 / t2, ">=", 1.8)
+        one, two = f"cpp {f} 1 thread", f"cpp {f} 2 threads"
+        m = rep.time(case, {one: cpp(f, X, h, num_threads=1), two: cpp(f, X, h, num_threads=2)}, N, repeats)
+        rep.check(case, f"cpp {f} time 1 thread / 2 threads", m[one] / m[two], ">=", 1.8)
 
 
 # ---------------------------------------------------------------- output
@@ -213,7 +224,9 @@ def write_markdown(path, info, command, reports):
           f"numba {info['numba']}, faiss {info['faiss']}"),
          f"- Date: {info['date']}; load average at start: {load}", "",
          ("Data: float32 points on a 2-D manifold plus noise 0.1 (`kernel_cases.make_data`), queries = X, "
-          "k = 64. Each time is the median of the repeats after one warm-up call. "
+          "k = 64. Each time is the median of the repeats after one warm-up call; the cpp calls of one case "
+          "and the write or GEMM they are compared with (or one function's thread counts) run interleaved, "
+          "one of each per round; torch dense and FAISS run alone. "
           "G pairs/s = N*N / seconds / 1e9; GFLOP/s = 2*N*N*D / seconds / 1e9; GB/s = N*N*4 bytes / seconds / 1e9. "
           "\"torch dense+log_softmax\" is `torch.log_softmax(-torch.cdist(Y, X)**2 / (2*h*h), dim=1)`. "
           "\"fresh\" writes into a new `np.empty` array each call (page faults included, on one thread, for "
