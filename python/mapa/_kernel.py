@@ -54,6 +54,8 @@ _COMMON_DOC = """
         None for all cores; scikit-learn's n_jobs convention otherwise.
     progress : bool or callable, optional
         True shows a progress bar; a callable is called as ``progress(done, total)``.
+        ``total`` can grow during a call, when rows are redone (float32 rows
+        with a very low normaliser, redone in float64).
 """
 
 
