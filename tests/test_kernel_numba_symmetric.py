@@ -329,3 +329,28 @@ def test_dense_self_queries_progress():
     dones = [d for d, _ in seen]
     assert {t for _, t in seen} == {600} and dones == sorted(dones) and dones[-1] == 600
     assert any(d == 300 for d in dones)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 10, 40])
+def test_principal_coords(d):
+    # The locality order's two coordinates: up to D = 2 the raw features,
+    # widest first; above, the projections on the top two principal axes,
+    # which span the plane a rotated, stretched cloud lies in (checked
+    # against numpy's SVD, up to the axes' signs and order within a tie-free
+    # spectrum).
+    rng = np.random.default_rng(d)
+    Z = rng.standard_normal((3000, d)) * np.r_[5.0, 3.0, np.full(max(d - 2, 0), 0.3)][:d]
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    X = Z @ Q.T + 7.0
+    P = nb._principal_coords(X)
+    assert P.shape == (3000, 2)
+    if d <= 2:
+        widest = int(np.argmax(np.ptp(X, axis=0)))
+        np.testing.assert_array_equal(P[:, 0], X[:, widest])
+        np.testing.assert_array_equal(P[:, 1], X[:, 1 - widest if d == 2 else widest])
+        return
+    _, _, Vt = np.linalg.svd(X - X.mean(axis=0), full_matrices=False)
+    ref = (X - X.mean(axis=0)) @ Vt[:2].T
+    for a in range(2):
+        c = abs(np.corrcoef(P[:, a], ref[:, a])[0, 1])
+        assert c > 0.999, (a, c)

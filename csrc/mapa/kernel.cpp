@@ -262,11 +262,13 @@ struct Lse {
     double value() const { return max + std::log(sum); }
 };
 
-// A locality order for top-k: references and queries sorted along a Z-order
-// (Morton) curve over the two features with the widest range, and each block
-// of queries starting its sweep at the tile where its first query would sit.
-// Near neighbours then come first, so the selection threshold is almost final
-// after one tile and few later candidates pass it.
+// A locality order: references and queries sorted along a Z-order (Morton)
+// curve over their coordinates along the references' two principal axes,
+// and each block of queries starting its sweep at the tile where its first
+// query would sit. Near neighbours then come first (top-k's threshold is
+// almost final after one tile, and tiles of near points leave more tile
+// pairs whose every term is 0), also when the data's spread is not along
+// its raw features.
 struct Order {
     std::vector<index_t> refs;      // packed position -> reference index
     std::vector<index_t> position;  // reference index -> packed position (empty: the same)
@@ -287,26 +289,104 @@ void feature_ranges(const T* x, index_t n, index_t d, std::vector<double>& lo, s
         }
 }
 
+// The references' two principal axes (unit vectors, d each, in axes[0 .. 2d))
+// and their mean; up to two features, the features themselves (widest range
+// first, the one twice when d == 1) and mean 0. Power iteration on the
+// covariance of an evenly spaced sample (at most 4096 points, fewer above
+// 16 features so that the covariance costs at most ~2^20 multiply-adds),
+// the second axis after deflating the first. A fixed number of iterations
+// and a fixed start (the covariance's column of largest variance) keep the
+// order deterministic; where two variances are close the axes found are
+// some mix of theirs, which serves the order as well.
+template <class T>
+void principal_axes(const T* x, index_t n, index_t d, std::vector<double>& mean, std::vector<double>& axes) {
+    mean.assign(static_cast<std::size_t>(d), 0.0);
+    axes.assign(static_cast<std::size_t>(2 * d), 0.0);
+    for (index_t i = 0; i < n; ++i)
+        for (index_t k = 0; k < d; ++k) mean[static_cast<std::size_t>(k)] += static_cast<double>(x[i * d + k]);
+    for (auto& m : mean) m /= static_cast<double>(n);
+    if (d <= 2) {
+        // the raw features, widest range first (the coordinates are then
+        // the features themselves, exactly)
+        std::vector<double> lo, hi;
+        feature_ranges(x, n, d, lo, hi);
+        const index_t f = d == 2 && hi[1] - lo[1] > hi[0] - lo[0] ? 1 : 0;
+        std::fill(mean.begin(), mean.end(), 0.0);
+        axes[static_cast<std::size_t>(f)] = 1.0;
+        axes[static_cast<std::size_t>(d + (d == 2 ? 1 - f : 0))] = 1.0;
+        return;
+    }
+    const index_t cap = std::max<index_t>(64, std::min<index_t>(4096, (index_t{1} << 20) / (d * d)));
+    const index_t m = std::min(n, cap), step = n / m;
+    std::vector<double> c(static_cast<std::size_t>(d * d), 0.0), v(static_cast<std::size_t>(d));
+    for (index_t s = 0; s < m; ++s) {
+        const T* row = x + s * step * d;
+        for (index_t k = 0; k < d; ++k) v[static_cast<std::size_t>(k)] = static_cast<double>(row[k]) - mean[static_cast<std::size_t>(k)];
+        for (index_t a = 0; a < d; ++a)
+            for (index_t b = 0; b < d; ++b) c[static_cast<std::size_t>(a * d + b)] += v[static_cast<std::size_t>(a)] * v[static_cast<std::size_t>(b)];
+    }
+    std::vector<double> w(static_cast<std::size_t>(d));
+    for (int axis = 0; axis < 2; ++axis) {
+        index_t top = 0;
+        for (index_t k = 1; k < d; ++k)
+            if (c[static_cast<std::size_t>(k * d + k)] > c[static_cast<std::size_t>(top * d + top)]) top = k;
+        for (index_t k = 0; k < d; ++k) v[static_cast<std::size_t>(k)] = c[static_cast<std::size_t>(k * d + top)];
+        double lambda = 0.0;
+        for (int it = 0; it < 64; ++it) {
+            double norm = 0.0;
+            for (index_t k = 0; k < d; ++k) norm += v[static_cast<std::size_t>(k)] * v[static_cast<std::size_t>(k)];
+            norm = std::sqrt(norm);
+            if (!(norm > 0.0)) break;  // no spread left: any axis serves
+            for (auto& e : v) e /= norm;
+            lambda = norm;
+            for (index_t a = 0; a < d; ++a) {
+                double t = 0.0;
+                for (index_t b = 0; b < d; ++b) t += c[static_cast<std::size_t>(a * d + b)] * v[static_cast<std::size_t>(b)];
+                w[static_cast<std::size_t>(a)] = t;
+            }
+            std::swap(v, w);
+        }
+        // v is C times the last unit vector (w): keep the unit vector
+        double* out = axes.data() + axis * d;
+        for (index_t k = 0; k < d; ++k) out[k] = w[static_cast<std::size_t>(k)];
+        if (lambda == 0.0) out[axis % d] = 1.0;
+        // deflate: c -= lambda u u^T
+        for (index_t a = 0; a < d; ++a)
+            for (index_t b = 0; b < d; ++b) c[static_cast<std::size_t>(a * d + b)] -= lambda * out[a] * out[b];
+    }
+}
+
 // Without queries, only refs and position are filled.
 template <class T>
 Order locality_order(const Args& a, index_t tb, bool with_queries = true) {
     const T* x = static_cast<const T*>(a.x);
     const T* y = static_cast<const T*>(a.y);
     const index_t n = a.n, m = a.m, d = a.d;
-    std::vector<double> lo, hi;
-    feature_ranges(x, n, d, lo, hi);
-    index_t f[2] = {0, 0};  // the two widest features (the same one twice when d == 1)
-    for (index_t k = 1; k < d; ++k)
-        if (hi[k] - lo[k] > hi[f[0]] - lo[f[0]]) f[0] = k;
-    f[1] = f[0] == 0 && d > 1 ? 1 : 0;
-    for (index_t k = 0; k < d; ++k)
-        if (k != f[0] && hi[k] - lo[k] > hi[f[1]] - lo[f[1]]) f[1] = k;
+    std::vector<double> mean, axes;
+    principal_axes(x, n, d, mean, axes);
+    const auto coords = [&](const T* row, double out[2]) {
+        out[0] = out[1] = 0.0;
+        for (index_t k = 0; k < d; ++k) {
+            const double v = static_cast<double>(row[k]) - mean[static_cast<std::size_t>(k)];
+            out[0] += v * axes[static_cast<std::size_t>(k)];
+            out[1] += v * axes[static_cast<std::size_t>(d + k)];
+        }
+    };
+    double lo[2] = {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()};
+    double hi[2] = {-lo[0], -lo[1]};
+    for (index_t i = 0; i < n; ++i) {
+        double c[2];
+        coords(x + i * d, c);
+        for (int k = 0; k < 2; ++k) lo[k] = std::min(lo[k], c[k]), hi[k] = std::max(hi[k], c[k]);
+    }
     const auto key = [&](const T* row) {
+        double c[2];
+        coords(row, c);
         std::uint32_t q[2];
-        for (int c = 0; c < 2; ++c) {
-            const double w = hi[f[c]] - lo[f[c]];
-            const double u = w > 0.0 ? (static_cast<double>(row[f[c]]) - lo[f[c]]) / w : 0.0;
-            q[c] = static_cast<std::uint32_t>(std::clamp(u, 0.0, 1.0) * 65535.0);
+        for (int k = 0; k < 2; ++k) {
+            const double w = hi[k] - lo[k];
+            const double u = w > 0.0 ? (c[k] - lo[k]) / w : 0.0;
+            q[k] = static_cast<std::uint32_t>(std::clamp(u, 0.0, 1.0) * 65535.0);
         }
         std::uint32_t z = 0;
         for (int bit = 0; bit < 16; ++bit) z |= ((q[0] >> bit & 1u) << (2 * bit)) | ((q[1] >> bit & 1u) << (2 * bit + 1));

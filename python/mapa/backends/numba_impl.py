@@ -80,8 +80,9 @@ at least 4 tiles per pool thread, so small problems parallelise).
   log Z_n >= -400 any term lost to exp's floor is below exp(-308); rows with
   a smaller normaliser (only with exclude_self) are left out of the
   symmetric pass and added one-sided, with q(i|n) = exp(log q) directly.
-- top-k: the points are first sorted along a Z-order curve over their two
-  widest features, so that a tile holds nearby points. Every row's heap is
+- top-k: the points are first sorted along a Z-order curve over their
+  coordinates on the data's two principal axes (_principal_coords; the raw
+  features up to D = 2), so that a tile holds nearby points. Every row's heap is
   live at once ((N, k) distances and indices, while N k 16 bytes stay
   under 1 GiB; otherwise, and for separate queries, the one-sided pass), with
   its root mirrored in a threshold array. A row's first pair is its own
@@ -1438,20 +1439,58 @@ def log_posterior(X, Y, scale, exclude_self, block_size=0, num_threads=1, progre
 _SYMMETRIC_TOPK_BYTES = 1 << 30
 
 
+def _principal_coords(X64):
+    """Each point's coordinates along the data's two principal axes, (N, 2).
+
+    The cpp kernel's rule (principal_axes in csrc/mapa/kernel.cpp): up to
+    two features, the features themselves, widest range first (the one
+    twice when D = 1); otherwise the centred points projected on the top
+    two eigenvectors of the covariance of an evenly spaced sample (at most
+    4096 points, at most 2^20 / D^2 above 16 features, at least 64), found
+    by 64 steps of power iteration from the covariance's column of largest
+    variance, the second after deflating the first. Deterministic.
+    """
+    N, D = X64.shape
+    if D <= 2:
+        span = X64.max(axis=0) - X64.min(axis=0)
+        f = 1 if D == 2 and span[1] > span[0] else 0
+        return X64[:, [f, 1 - f if D == 2 else f]]
+    mean = X64.mean(axis=0)
+    m = min(N, max(64, min(4096, 2**20 // (D * D))))
+    S = X64[:: N // m][:m] - mean
+    C = S.T @ S
+    axes = np.zeros((2, D))
+    for a in range(2):
+        v = C[:, int(np.argmax(np.diag(C)))].copy()
+        u, lam = np.zeros(D), 0.0
+        for _ in range(64):
+            norm = float(np.sqrt(v @ v))
+            if not norm > 0.0:
+                break
+            u, lam = v / norm, norm
+            v = C @ u
+        if lam == 0.0:
+            u = np.zeros(D)
+            u[a % D] = 1.0
+        axes[a] = u
+        C = C - lam * np.outer(u, u)
+    return (X64 - mean) @ axes.T
+
+
 def _locality_order(X64):
-    """Positions along a Z-order (Morton) curve over the two features of widest range.
+    """Positions along a Z-order (Morton) curve over the two principal coordinates.
 
     Nearby points then share tiles, so a row's k best are mostly found in
     its own tile (the diagonal pairs run first) and its threshold rarely
     lets later tiles' entries through. Stable, so ties keep the input order.
     """
-    N = X64.shape[0]
-    lo = X64.min(axis=0)
-    span = X64.max(axis=0) - lo
-    feats = np.argsort(-span, kind="stable")[:2]
+    P = _principal_coords(X64)
+    N = P.shape[0]
+    lo = P.min(axis=0)
+    span = P.max(axis=0) - lo
     code = np.zeros(N, dtype=np.uint64)
-    for bit, d in enumerate(feats):
-        q = np.zeros(N) if span[d] == 0 else (X64[:, d] - lo[d]) * (65535.0 / span[d])
+    for bit in range(2):
+        q = np.zeros(N) if span[bit] == 0 else (P[:, bit] - lo[bit]) * (65535.0 / span[bit])
         v = np.clip(q, 0, 65535).astype(np.uint64)
         for shift, mask in ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
             v = (v | (v << np.uint64(shift))) & np.uint64(mask)
