@@ -110,3 +110,19 @@ def test_manifold_at_an_angle(backend, d, dtype):
         assert_lognorm_close(mapa.log_normalizer(X, **kw), ref_log_normalizer(X, X, h, exclude_self), dtype)
         check_topk(mapa.log_posterior_topk(X, k=12, **kw), X, X, h, 12, dtype, exclude_self)
         check_targets(mapa.posterior_targets(X, **kw), X, h, dtype, exclude_self)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", ["line", "point"])
+def test_locality_order_on_degenerate_spread(backend, shape):
+    # Points on one line of R^8 (no second principal axis) or all at one
+    # point (none at all): the order's power iteration finds nothing to
+    # follow and falls back to a fixed axis; results still match.
+    rng = np.random.default_rng(5)
+    direction = rng.standard_normal(8)
+    t = rng.uniform(-2, 2, size=(400, 1)) if shape == "line" else np.zeros((400, 1))
+    X = (1.0 + t * direction).astype(np.float64)
+    h = 0.1
+    kw = dict(bandwidth=h, exclude_self=True, block_size=64, backend=backend)
+    assert_lognorm_close(mapa.log_normalizer(X, **kw), ref_log_normalizer(X, X, h, True), np.float64)
+    check_topk(mapa.log_posterior_topk(X, k=5, **kw), X, X, h, 5, np.float64, True)

@@ -348,7 +348,7 @@ void principal_axes(const T* x, index_t n, index_t d, std::vector<double>& mean,
         }
         // v is C times the last unit vector (w): keep the unit vector
         double* out = axes.data() + axis * d;
-        for (index_t k = 0; k < d; ++k) out[k] = w[static_cast<std::size_t>(k)];
+        for (index_t k = 0; k < d; ++k) out[k] = lambda == 0.0 ? 0.0 : w[static_cast<std::size_t>(k)];
         if (lambda == 0.0) out[axis % d] = 1.0;
         // deflate: c -= lambda u u^T
         for (index_t a = 0; a < d; ++a)
