@@ -331,26 +331,30 @@ def test_dense_self_queries_progress():
     assert any(d == 300 for d in dones)
 
 
-@pytest.mark.parametrize("d", [1, 2, 3, 10, 40])
-def test_principal_coords(d):
+@pytest.mark.parametrize("n, d", [(3000, 1), (3000, 2), (3000, 3), (3000, 10), (3000, 40), (3000, 80), (100, 10)])
+def test_principal_coords(n, d):
     # The locality order's two coordinates: up to D = 2 the raw features,
-    # widest first; above, the projections on the top two principal axes,
+    # widest first; above, the projections on the top two principal axes
+    # (through the covariance up to D = 64, through the sample above),
     # which span the plane a rotated, stretched cloud lies in (checked
-    # against numpy's SVD, up to the axes' signs and order within a tie-free
-    # spectrum).
+    # against numpy's SVD, up to the axes' signs). At N = 100, D = 10 the
+    # sample the cost budget allows (N^2 / (64 D) = 15 points) is too
+    # small: the raw features again.
     rng = np.random.default_rng(d)
-    Z = rng.standard_normal((3000, d)) * np.r_[5.0, 3.0, np.full(max(d - 2, 0), 0.3)][:d]
+    Z = rng.standard_normal((n, d)) * np.r_[5.0, 3.0, np.full(max(d - 2, 0), 0.3)][:d]
     Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     X = Z @ Q.T + 7.0
     P = nb._principal_coords(X)
-    assert P.shape == (3000, 2)
-    if d <= 2:
-        widest = int(np.argmax(np.ptp(X, axis=0)))
-        np.testing.assert_array_equal(P[:, 0], X[:, widest])
-        np.testing.assert_array_equal(P[:, 1], X[:, 1 - widest if d == 2 else widest])
+    assert P.shape == (n, 2)
+    if d <= 2 or n == 100:
+        span = np.ptp(X, axis=0)
+        first, second = np.argsort(-span, kind="stable")[:2] if d > 1 else (0, 0)
+        np.testing.assert_array_equal(P[:, 0], X[:, first])
+        np.testing.assert_array_equal(P[:, 1], X[:, second])
         return
     _, _, Vt = np.linalg.svd(X - X.mean(axis=0), full_matrices=False)
     ref = (X - X.mean(axis=0)) @ Vt[:2].T
     for a in range(2):
+        # the sample form sees 256 points: its second axis is a little off
         c = abs(np.corrcoef(P[:, a], ref[:, a])[0, 1])
-        assert c > 0.999, (a, c)
+        assert c > (0.999 if d <= 64 else 0.99), (a, c)

@@ -290,69 +290,109 @@ void feature_ranges(const T* x, index_t n, index_t d, std::vector<double>& lo, s
 }
 
 // The references' two principal axes (unit vectors, d each, in axes[0 .. 2d))
-// and their mean; up to two features, the features themselves (widest range
-// first, the one twice when d == 1) and mean 0. Power iteration on the
-// covariance of an evenly spaced sample (at most 4096 points, fewer above
-// 16 features so that the covariance costs at most ~2^20 multiply-adds),
-// the second axis after deflating the first. A fixed number of iterations
-// and a fixed start (the covariance's column of largest variance) keep the
-// order deterministic; where two variances are close the axes found are
-// some mix of theirs, which serves the order as well.
+// and their mean, for locality_order. Power iteration on an evenly spaced
+// sample of m points, the second axis after deflating the first, from a
+// fixed start (the direction of largest variance among the features) for a
+// fixed number of steps, so the order is deterministic; where two
+// variances are close the axes found are some mix of theirs, which serves
+// the order as well. The sample is sized to cost at most ~n^2 d / 64
+// multiply-adds, ~3% of one symmetric pass: up to 64 features through the
+// covariance (m d^2, m <= 4096, 64 steps), above through the sample itself
+// (v <- S^T S v, 128 m d, m <= 256, 32 steps). Up to two features, or when
+// that leaves fewer than 16 points, the raw features of widest range
+// (widest first, the one twice when d == 1) with mean 0: the coordinates
+// are then the features themselves, exactly.
 template <class T>
 void principal_axes(const T* x, index_t n, index_t d, std::vector<double>& mean, std::vector<double>& axes) {
     mean.assign(static_cast<std::size_t>(d), 0.0);
     axes.assign(static_cast<std::size_t>(2 * d), 0.0);
-    for (index_t i = 0; i < n; ++i)
-        for (index_t k = 0; k < d; ++k) mean[static_cast<std::size_t>(k)] += static_cast<double>(x[i * d + k]);
-    for (auto& m : mean) m /= static_cast<double>(n);
-    if (d <= 2) {
-        // the raw features, widest range first (the coordinates are then
-        // the features themselves, exactly)
+    const bool cov = d <= 64;
+    const double budget = static_cast<double>(n) * static_cast<double>(n) / 64.0;  // per feature
+    const index_t m = static_cast<index_t>(std::min<double>(
+        {static_cast<double>(n), cov ? 4096.0 : 256.0, cov ? budget / static_cast<double>(d) : budget / 128.0}));
+    if (d <= 2 || m < 16) {
         std::vector<double> lo, hi;
         feature_ranges(x, n, d, lo, hi);
-        const index_t f = d == 2 && hi[1] - lo[1] > hi[0] - lo[0] ? 1 : 0;
-        std::fill(mean.begin(), mean.end(), 0.0);
-        axes[static_cast<std::size_t>(f)] = 1.0;
-        axes[static_cast<std::size_t>(d + (d == 2 ? 1 - f : 0))] = 1.0;
+        index_t f[2] = {0, 0};
+        for (index_t k = 1; k < d; ++k)
+            if (hi[k] - lo[k] > hi[f[0]] - lo[f[0]]) f[0] = k;
+        f[1] = f[0] == 0 && d > 1 ? 1 : 0;
+        for (index_t k = 0; k < d; ++k)
+            if (k != f[0] && hi[k] - lo[k] > hi[f[1]] - lo[f[1]]) f[1] = k;
+        axes[static_cast<std::size_t>(f[0])] = 1.0;
+        axes[static_cast<std::size_t>(d + f[1])] = 1.0;
         return;
     }
-    const index_t cap = std::max<index_t>(64, std::min<index_t>(4096, (index_t{1} << 20) / (d * d)));
-    const index_t m = std::min(n, cap), step = n / m;
-    std::vector<double> c(static_cast<std::size_t>(d * d), 0.0), v(static_cast<std::size_t>(d));
-    for (index_t s = 0; s < m; ++s) {
-        const T* row = x + s * step * d;
-        for (index_t k = 0; k < d; ++k) v[static_cast<std::size_t>(k)] = static_cast<double>(row[k]) - mean[static_cast<std::size_t>(k)];
-        for (index_t a = 0; a < d; ++a)
-            for (index_t b = 0; b < d; ++b) c[static_cast<std::size_t>(a * d + b)] += v[static_cast<std::size_t>(a)] * v[static_cast<std::size_t>(b)];
+    const auto at = [](index_t i) { return static_cast<std::size_t>(i); };
+    for (index_t i = 0; i < n; ++i)
+        for (index_t k = 0; k < d; ++k) mean[at(k)] += static_cast<double>(x[i * d + k]);
+    for (auto& e : mean) e /= static_cast<double>(n);
+    const index_t step = n / m;
+    std::vector<double> smp(at(m * d));  // the centred sample, row-major
+    for (index_t s = 0; s < m; ++s)
+        for (index_t k = 0; k < d; ++k) smp[at(s * d + k)] = static_cast<double>(x[s * step * d + k]) - mean[at(k)];
+    std::vector<double> c;  // the sample's scatter matrix (cov), minus the axes found
+    if (cov) {
+        c.assign(at(d * d), 0.0);
+        for (index_t s = 0; s < m; ++s) {
+            const double* v = smp.data() + s * d;
+            for (index_t a = 0; a < d; ++a)
+                for (index_t b = 0; b < d; ++b) c[at(a * d + b)] += v[a] * v[b];
+        }
     }
-    std::vector<double> w(static_cast<std::size_t>(d));
-    for (int axis = 0; axis < 2; ++axis) {
-        index_t top = 0;
-        for (index_t k = 1; k < d; ++k)
-            if (c[static_cast<std::size_t>(k * d + k)] > c[static_cast<std::size_t>(top * d + top)]) top = k;
-        for (index_t k = 0; k < d; ++k) v[static_cast<std::size_t>(k)] = c[static_cast<std::size_t>(k * d + top)];
-        double lambda = 0.0;
-        for (int it = 0; it < 64; ++it) {
-            double norm = 0.0;
-            for (index_t k = 0; k < d; ++k) norm += v[static_cast<std::size_t>(k)] * v[static_cast<std::size_t>(k)];
-            norm = std::sqrt(norm);
-            if (!(norm > 0.0)) break;  // no spread left: any axis serves
-            for (auto& e : v) e /= norm;
-            lambda = norm;
+    std::vector<double> u(at(d)), w(at(d));
+    // w = (S^T S - lambda0 u0 u0^T) u: through c, or through the sample
+    const auto apply = [&](int axis, double lambda0) {
+        if (cov) {
             for (index_t a = 0; a < d; ++a) {
                 double t = 0.0;
-                for (index_t b = 0; b < d; ++b) t += c[static_cast<std::size_t>(a * d + b)] * v[static_cast<std::size_t>(b)];
-                w[static_cast<std::size_t>(a)] = t;
+                for (index_t b = 0; b < d; ++b) t += c[at(a * d + b)] * u[at(b)];
+                w[at(a)] = t;
             }
-            std::swap(v, w);
+            return;
         }
-        // v is C times the last unit vector (w): keep the unit vector
-        double* out = axes.data() + axis * d;
-        for (index_t k = 0; k < d; ++k) out[k] = lambda == 0.0 ? 0.0 : w[static_cast<std::size_t>(k)];
-        if (lambda == 0.0) out[axis % d] = 1.0;
-        // deflate: c -= lambda u u^T
-        for (index_t a = 0; a < d; ++a)
-            for (index_t b = 0; b < d; ++b) c[static_cast<std::size_t>(a * d + b)] -= lambda * out[a] * out[b];
+        std::fill(w.begin(), w.end(), 0.0);
+        for (index_t s = 0; s < m; ++s) {
+            const double* v = smp.data() + s * d;
+            double t = 0.0;
+            for (index_t k = 0; k < d; ++k) t += v[k] * u[at(k)];
+            for (index_t k = 0; k < d; ++k) w[at(k)] += t * v[k];
+        }
+        if (axis == 1) {
+            double t = 0.0;
+            for (index_t k = 0; k < d; ++k) t += axes[at(k)] * u[at(k)];
+            for (index_t k = 0; k < d; ++k) w[at(k)] -= lambda0 * t * axes[at(k)];
+        }
+    };
+    double lambda0 = 0.0;
+    for (int axis = 0; axis < 2; ++axis) {
+        // start: the feature of largest remaining variance, as a unit vector
+        index_t top = 0;
+        double best = -1.0;
+        for (index_t k = 0; k < d; ++k) {
+            double var = 0.0;
+            for (index_t s = 0; s < m; ++s) var += smp[at(s * d + k)] * smp[at(s * d + k)];
+            if (axis == 1) var -= lambda0 * axes[at(k)] * axes[at(k)];
+            if (var > best) best = var, top = k;
+        }
+        std::fill(u.begin(), u.end(), 0.0);
+        u[at(top)] = 1.0;
+        double lambda = 0.0;
+        for (int it = 0, steps = cov ? 64 : 32; it < steps; ++it) {
+            apply(axis, lambda0);
+            double norm = 0.0;
+            for (index_t k = 0; k < d; ++k) norm += w[at(k)] * w[at(k)];
+            norm = std::sqrt(norm);
+            if (!(norm > 0.0)) break;  // no spread left: the start serves
+            lambda = norm;
+            for (index_t k = 0; k < d; ++k) u[at(k)] = w[at(k)] / norm;
+        }
+        std::copy(u.begin(), u.end(), axes.begin() + axis * d);
+        if (axis == 0 && cov) {
+            for (index_t a = 0; a < d; ++a)
+                for (index_t b = 0; b < d; ++b) c[at(a * d + b)] -= lambda * u[at(a)] * u[at(b)];
+        }
+        lambda0 = lambda;
     }
 }
 

@@ -1442,38 +1442,51 @@ _SYMMETRIC_TOPK_BYTES = 1 << 30
 def _principal_coords(X64):
     """Each point's coordinates along the data's two principal axes, (N, 2).
 
-    The cpp kernel's rule (principal_axes in csrc/mapa/kernel.cpp): up to
-    two features, the features themselves, widest range first (the one
-    twice when D = 1); otherwise the centred points projected on the top
-    two eigenvectors of the covariance of an evenly spaced sample (at most
-    4096 points, at most 2^20 / D^2 above 16 features, at least 64), found
-    by 64 steps of power iteration from the covariance's column of largest
-    variance, the second after deflating the first. Deterministic.
+    The cpp kernel's rule (principal_axes in csrc/mapa/kernel.cpp): power
+    iteration on an evenly spaced sample of m points from the feature of
+    largest variance, the second axis after deflating the first, sized to
+    cost ~N^2 D / 64 multiply-adds: up to 64 features through the
+    covariance (m <= 4096, 64 steps), above through the sample itself
+    (m <= 256, 32 steps). Up to two features, or when that leaves fewer
+    than 16 points, the raw features of widest range (widest first, the one
+    twice when D = 1). Deterministic.
     """
     N, D = X64.shape
-    if D <= 2:
+    cov = D <= 64
+    budget = N * N / 64.0
+    m = int(min(N, 4096 if cov else 256, budget / D if cov else budget / 128.0))
+    if D <= 2 or m < 16:
         span = X64.max(axis=0) - X64.min(axis=0)
-        f = 1 if D == 2 and span[1] > span[0] else 0
-        return X64[:, [f, 1 - f if D == 2 else f]]
+        f0 = int(np.argmax(span))
+        rest = span.copy()
+        rest[f0] = -np.inf
+        f1 = int(np.argmax(rest)) if D > 1 else f0
+        return X64[:, [f0, f1]]
     mean = X64.mean(axis=0)
-    m = min(N, max(64, min(4096, 2**20 // (D * D))))
     S = X64[:: N // m][:m] - mean
-    C = S.T @ S
+    C = S.T @ S if cov else None
     axes = np.zeros((2, D))
+    lam0 = 0.0
     for a in range(2):
-        v = C[:, int(np.argmax(np.diag(C)))].copy()
-        u, lam = np.zeros(D), 0.0
-        for _ in range(64):
-            norm = float(np.sqrt(v @ v))
+        var = (S * S).sum(axis=0) - (lam0 * axes[0] ** 2 if a == 1 else 0.0)
+        u = np.zeros(D)
+        u[int(np.argmax(var))] = 1.0
+        lam = 0.0
+        for _ in range(64 if cov else 32):
+            if cov:
+                w = C @ u
+            else:
+                w = S.T @ (S @ u)
+                if a == 1:
+                    w = w - lam0 * float(axes[0] @ u) * axes[0]
+            norm = float(np.sqrt(w @ w))
             if not norm > 0.0:
                 break
-            u, lam = v / norm, norm
-            v = C @ u
-        if lam == 0.0:
-            u = np.zeros(D)
-            u[a % D] = 1.0
+            lam, u = norm, w / norm
         axes[a] = u
-        C = C - lam * np.outer(u, u)
+        if a == 0 and cov:
+            C = C - lam * np.outer(u, u)
+        lam0 = lam
     return (X64 - mean) @ axes.T
 
 
