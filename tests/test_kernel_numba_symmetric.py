@@ -331,14 +331,14 @@ def test_dense_self_queries_progress():
     assert any(d == 300 for d in dones)
 
 
-@pytest.mark.parametrize("n, d", [(3000, 1), (3000, 2), (3000, 3), (3000, 10), (3000, 40), (3000, 80), (100, 10)])
+@pytest.mark.parametrize("n, d", [(3000, 1), (3000, 2), (3000, 3), (3000, 10), (3000, 40), (8000, 80), (300, 10)])
 def test_principal_coords(n, d):
     # The locality order's two coordinates: up to D = 2 the raw features,
     # widest first; above, the projections on the top two principal axes
     # (through the covariance up to D = 64, through the sample above),
     # which span the plane a rotated, stretched cloud lies in (checked
-    # against numpy's SVD, up to the axes' signs). At N = 100, D = 10 the
-    # sample the cost budget allows (N^2 / (64 D) = 15 points) is too
+    # against numpy's SVD, up to the axes' signs). At N = 300, D = 10 the
+    # sample the cost budget allows (N^2 / (2048 D) = 4 points) is too
     # small: the raw features again.
     rng = np.random.default_rng(d)
     Z = rng.standard_normal((n, d)) * np.r_[5.0, 3.0, np.full(max(d - 2, 0), 0.3)][:d]
@@ -346,7 +346,7 @@ def test_principal_coords(n, d):
     X = Z @ Q.T + 7.0
     P = nb._principal_coords(X)
     assert P.shape == (n, 2)
-    if d <= 2 or n == 100:
+    if d <= 2 or n == 300:
         span = np.ptp(X, axis=0)
         first, second = np.argsort(-span, kind="stable")[:2] if d > 1 else (0, 0)
         np.testing.assert_array_equal(P[:, 0], X[:, first])

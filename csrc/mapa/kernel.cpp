@@ -295,8 +295,9 @@ void feature_ranges(const T* x, index_t n, index_t d, std::vector<double>& lo, s
 // fixed start (the direction of largest variance among the features) for a
 // fixed number of steps, so the order is deterministic; where two
 // variances are close the axes found are some mix of theirs, which serves
-// the order as well. The sample is sized to cost at most ~n^2 d / 64
-// multiply-adds, ~3% of one symmetric pass: up to 64 features through the
+// the order as well. The sample is sized to cost at most ~n^2 d / 2048
+// multiply-adds (these scalar loops run ~30x slower per multiply-add than
+// the kernel's leaves, so ~3% of one symmetric pass): up to 64 features through the
 // covariance (m d^2, m <= 4096, 64 steps), above through the sample itself
 // (v <- S^T S v, 128 m d, m <= 256, 32 steps). Up to two features, or when
 // that leaves fewer than 16 points, the raw features of widest range
@@ -307,7 +308,7 @@ void principal_axes(const T* x, index_t n, index_t d, std::vector<double>& mean,
     mean.assign(static_cast<std::size_t>(d), 0.0);
     axes.assign(static_cast<std::size_t>(2 * d), 0.0);
     const bool cov = d <= 64;
-    const double budget = static_cast<double>(n) * static_cast<double>(n) / 64.0;  // per feature
+    const double budget = static_cast<double>(n) * static_cast<double>(n) / 2048.0;  // per feature
     const index_t m = static_cast<index_t>(std::min<double>(
         {static_cast<double>(n), cov ? 4096.0 : 256.0, cov ? budget / static_cast<double>(d) : budget / 128.0}));
     if (d <= 2 || m < 16) {

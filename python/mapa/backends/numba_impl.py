@@ -1445,7 +1445,7 @@ def _principal_coords(X64):
     The cpp kernel's rule (principal_axes in csrc/mapa/kernel.cpp): power
     iteration on an evenly spaced sample of m points from the feature of
     largest variance, the second axis after deflating the first, sized to
-    cost ~N^2 D / 64 multiply-adds: up to 64 features through the
+    cost ~N^2 D / 2048 multiply-adds: up to 64 features through the
     covariance (m <= 4096, 64 steps), above through the sample itself
     (m <= 256, 32 steps). Up to two features, or when that leaves fewer
     than 16 points, the raw features of widest range (widest first, the one
@@ -1453,7 +1453,7 @@ def _principal_coords(X64):
     """
     N, D = X64.shape
     cov = D <= 64
-    budget = N * N / 64.0
+    budget = N * N / 2048.0
     m = int(min(N, 4096 if cov else 256, budget / D if cov else budget / 128.0))
     if D <= 2 or m < 16:
         span = X64.max(axis=0) - X64.min(axis=0)
