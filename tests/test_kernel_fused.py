@@ -9,6 +9,9 @@ its selection), for float64 data the normaliser. A dropped self term
 one tile. Here the tiles are ragged: a tile shorter than its stride (masked
 lanes in the last column block) and tiles whose rows end part-way through a
 group of four, against the float64 reference.
+
+The last tests (every backend) cover the locality order the sorted passes
+and top-k use: data spread along no feature, and degenerate spreads.
 """
 
 from __future__ import annotations

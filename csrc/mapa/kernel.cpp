@@ -715,6 +715,18 @@ RowsPass rows_pass(const Args& a, std::vector<index_t> rows, Control& ctl) {
 // 2 |log Z| part passes 2e-5, are redone with double distances.
 double drift_floor(index_t d) { return -1e-5 / (static_cast<double>(d + 2) * 0x1p-24); }
 
+// Separate queries on float distances: those whose log Z (lnz, by query
+// row) is below drift_floor, as a one-sided pass over just them to redo
+// in double, or nothing when there are none.
+template <class V>
+std::optional<RowsPass> drifting_queries(const Args& a, const V* lnz, Control& ctl) {
+    std::vector<index_t> rows;
+    for (index_t i = 0; i < a.m; ++i)
+        if (static_cast<double>(lnz[i]) < drift_floor(a.d)) rows.push_back(i);
+    if (rows.empty()) return std::nullopt;
+    return rows_pass(a, std::move(rows), ctl);
+}
+
 // Double tiles of the references (packed in `perm`, or in input order), for
 // rows redone with double distances; tile 0 takes the default length.
 template <class T>
@@ -895,14 +907,11 @@ void log_normalizer(const Args& a, T* out, Control& ctl) {
         if (!p.single) return;
         // float distances: queries far from every reference (drift_floor)
         // again, in double
-        std::vector<index_t> rows;
-        for (index_t i = 0; i < a.m; ++i)
-            if (static_cast<double>(out[i]) < drift_floor(a.d)) rows.push_back(i);
-        if (rows.empty()) return;
-        const RowsPass r = rows_pass(a, std::move(rows), ctl);
-        std::vector<double> again(r.order.queries.size());
-        normalizer_into<T>(r.args, double_pack<T>(a, 0, nullptr), again.data(), ctl, &r.order);
-        for (std::size_t i = 0; i < again.size(); ++i) out[r.order.queries[i]] = static_cast<T>(again[i]);
+        const std::optional<RowsPass> r = drifting_queries(a, out, ctl);
+        if (!r) return;
+        std::vector<double> again(r->order.queries.size());
+        normalizer_into<T>(r->args, double_pack<T>(a, 0, nullptr), again.data(), ctl, &r->order);
+        for (std::size_t i = 0; i < again.size(); ++i) out[r->order.queries[i]] = static_cast<T>(again[i]);
         return;
     }
     const SortedRefs<T> s = sorted_refs<T>(a);
@@ -986,12 +995,8 @@ void log_posterior(const Args& a, T* out, Control& ctl) {
     if (!p.single) return;
     // float distances: queries far from every reference (drift_floor)
     // again, in double
-    std::vector<index_t> rows;
-    for (index_t i = 0; i < a.m; ++i)
-        if (ln[static_cast<std::size_t>(i)] < drift_floor(a.d)) rows.push_back(i);
-    if (rows.empty()) return;
-    const RowsPass r = rows_pass(a, std::move(rows), ctl);
-    dense_rows(r.args, double_pack<T>(a, 0, nullptr), &r.order);
+    if (const std::optional<RowsPass> r = drifting_queries(a, ln.data(), ctl))
+        dense_rows(r->args, double_pack<T>(a, 0, nullptr), &r->order);
 }
 
 namespace {
