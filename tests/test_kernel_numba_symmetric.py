@@ -27,9 +27,9 @@ if "numba" in BACKENDS:
     from mapa.backends import numba_impl as nb
 
 
-def _all_outputs(X, k, **kw):
+def _all_outputs(X, k, bandwidth=0.3, **kw):
     """Top-k (indices, log q, normaliser), normaliser, dense log q and targets, as NumPy arrays."""
-    kw = dict(backend="numba", bandwidth=0.3, **kw)
+    kw = dict(backend="numba", bandwidth=bandwidth, **kw)
     top = mapa.log_posterior_topk(X, k=k, **kw)
     tg = mapa.posterior_targets(X, **kw)
     out = dict(
@@ -195,11 +195,11 @@ def test_single_precision_normaliser_matches_float64_reference(monkeypatch, n, d
 @pytest.mark.parametrize("gap", [50.0, 75.0, 95.0])
 def test_single_precision_isolated_point(monkeypatch, gap):
     # With exclude_self, a point whose nearest neighbour's logit is -gap has
-    # a row sum of about e^-gap. Above N * 2^-100 (gap 50) the float32 sums
-    # stand, except for that row: its log Z is below -1e-5 / (5 * 2^-24)
-    # = -33.6 (_drift_floor), so it alone is redone in float64. Below (gap
-    # 75; gap 95 is past float32 exp's floor of e^-87, the sum is 0) the
-    # whole normaliser is redone in float64, row by row.
+    # a row sum of about e^-gap. Above N * 2^-100 (gap 50) the float32 sum
+    # stands, but its log Z is below -1e-5 / (5 * 2^-24) = -33.6
+    # (_drift_floor); below (gap 75; gap 95 is past float32 exp's floor of
+    # e^-87, the sum is 0) terms may be lost. Either way that row alone is
+    # redone in float64, one-sided; the other rows' sums stand.
     h = 0.1
     X = make_clusters(200, 3, h, dtype=F32, seed=3)
     top = int(np.argmax(X[:, 0]))
@@ -214,7 +214,7 @@ def test_single_precision_isolated_point(monkeypatch, gap):
         out = mapa.log_normalizer(X, bandwidth=h, exclude_self=True, block_size=block_size, backend="numba")
         assert_lognorm_close(out, ref, F32)
     assert len(redo) == 2
-    assert all(len(c[1]) == (len(X) if gap > 64.0 else 1) for c in redo)
+    assert all(len(c[1]) == 1 for c in redo)
 
 
 @pytest.mark.parametrize("case", ["overflow", "subnormal"])
@@ -358,3 +358,66 @@ def test_principal_coords(n, d):
         # the sample form sees 256 points: its second axis is a little off
         c = abs(np.corrcoef(P[:, a], ref[:, a])[0, 1])
         assert c > (0.999 if d <= 64 else 0.99), (a, c)
+
+
+def _spread(n, d, dtype, seed):
+    """Clusters along a long curve, bandwidth 0.05: most tile pairs far apart."""
+    rng = np.random.default_rng(seed)
+    t = np.sort(rng.uniform(0.0, 40.0, n))
+    X = np.zeros((n, d))
+    X[:, 0], X[:, 1 % d] = t, np.sin(t)
+    X += 0.02 * rng.standard_normal((n, d))
+    return X[rng.permutation(n)].astype(dtype), 0.05
+
+
+@pytest.mark.parametrize("d", [2, 3, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_pruned_tile_pairs_change_nothing(monkeypatch, d, dtype, exclude_self):
+    # Data spread far beyond the bandwidth is sorted (_pair_order) and most
+    # pairs of tiles are left out whole (_gap_bound). That only drops terms
+    # that are exactly 0: the same order with boxes that never leave
+    # anything out (_tile_boxes monkeypatched to infinite ones) gives the
+    # same bits, and both match the float64 reference.
+    X, h = _spread(900, d, dtype, seed=d)
+    scale = 1.0 / (2 * h * h)
+    X64 = X.astype(np.float64)
+    ids = nb._pair_order(X64, scale, nb._float_distances(X, scale), 32)
+    assert ids is not None
+    lo, hi = nb._tile_boxes(X64[ids], 32)
+    far = [-scale * nb._gap_bound(lo, hi, a, b) < -709.0 for a in range(len(lo)) for b in range(a + 1, len(lo))]
+    assert np.mean(far) > 0.3
+    kw = dict(exclude_self=exclude_self, block_size=32)
+    pruned = _all_outputs(X, 8, bandwidth=h, **kw)
+    wide = lambda Xs, tile: (np.full((-(-len(Xs) // tile), d), -np.inf), np.full((-(-len(Xs) // tile), d), np.inf))
+    monkeypatch.setattr(nb, "_tile_boxes", wide)
+    monkeypatch.setattr(nb, "_pair_order", lambda *args: ids)  # sorted as before
+    full = _all_outputs(X, 8, bandwidth=h, **kw)
+    for name in pruned:
+        np.testing.assert_array_equal(pruned[name], full[name], err_msg=name)
+    ref = ref_log_normalizer(X, X, h, exclude_self)
+    assert_lognorm_close(pruned["lnorm"], ref, dtype)
+    assert_logq_close(pruned["dense"], ref_log_posterior(X, X, h, exclude_self), dtype)
+    check_targets(mapa.posterior_targets(X, bandwidth=h, backend="numba", **kw), X, h, dtype, exclude_self)
+    check_topk(mapa.log_posterior_topk(X, k=8, bandwidth=h, backend="numba", **kw), X, X, h, 8, dtype, exclude_self)
+
+
+def test_gap_bound_is_below_every_distance():
+    # _gap_bound never exceeds a squared distance between the two tiles,
+    # computed as the kernels do (float32 sums too), is symmetric, and is 0
+    # on the diagonal.
+    rng = np.random.default_rng(5)
+    for d in (1, 2, 7, 32):
+        X = rng.standard_normal((64, d)) * rng.uniform(0.1, 10.0, d) + np.repeat(rng.uniform(-5, 5, (4, d)), 16, 0)
+        lo, hi = nb._tile_boxes(X, 16)
+        for a in range(4):
+            assert nb._gap_bound(lo, hi, a, a) == 0.0
+            for b in range(4):
+                A, B = X[16 * a : 16 * a + 16], X[16 * b : 16 * b + 16]
+                d64 = ((A[:, None, :] - B[None, :, :]) ** 2).sum(-1)
+                A32, B32 = A.astype(F32), B.astype(F32)
+                d32 = ((A32[:, None, :] - B32[None, :, :]) ** 2).sum(-1, dtype=F32)
+                lo32, hi32 = nb._tile_boxes(X.astype(F32).astype(np.float64), 16)
+                assert nb._gap_bound(lo, hi, a, b) <= d64.min()
+                assert nb._gap_bound(lo32, hi32, a, b) <= d32.min()
+                assert nb._gap_bound(lo, hi, a, b) == nb._gap_bound(lo, hi, b, a)
