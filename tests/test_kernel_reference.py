@@ -366,3 +366,25 @@ def test_targets_high_dim_any_threads(backend, dtype):
             np.testing.assert_allclose(np.asarray(tg.sq_norms, np.float64), s, rtol=t["mass_rtol"])
         np.testing.assert_allclose(np.asarray(outs[0].weights, np.float64), np.asarray(outs[1].weights, np.float64),
                                    rtol=t["mass_rtol"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 32, 40])
+def test_targets_rows_with_small_normalisers(backend, dtype, d):
+    # With exclude_self at a bandwidth near the neighbour spacing (the "nn"
+    # rule), most rows have log Z < 0. Points along a line in a random
+    # direction, with gaps whose logits run from -0.05 to -900: log Z spans
+    # about [-900, 2], through the margins where rows leave the symmetric
+    # pass for the one-sided one (cpp: -40 in float, -400 in double; the
+    # drift floor on float distances; numba: -400). Every row's terms
+    # against the float64 reference.
+    rng = np.random.default_rng(d)
+    h = 0.1
+    gaps = h * np.sqrt(2.0 * np.exp(rng.uniform(np.log(0.05), np.log(900.0), 400)))
+    t = np.cumsum(gaps)
+    u = rng.standard_normal(d)
+    X = (t[:, None] * (u / np.linalg.norm(u)) + 1e-3 * h * rng.standard_normal((400, d))).astype(dtype)
+    ln = ref_log_normalizer(X, X, h, exclude_self=True)
+    assert (ln < 0).mean() > 0.5 and ((ln > -40) & (ln < 0)).mean() > 0.2 and (ln < -400).any()
+    res = mapa.posterior_targets(X, bandwidth=h, exclude_self=True, backend=backend, num_threads=2)
+    check_targets(res, X, h, dtype, exclude_self=True)

@@ -1405,12 +1405,24 @@ void one_sided_targets(const Args& a, const PackedRefs& p, const Order& order, c
 // and e_ij u_j to reference i's, where u_i = (1, y_i, ||y_i||^2) / Z_i.
 // Tile pairs on over_tile_pairs, adding straight into tot.
 //
-// Where log Z_i >= 0 (always, unless exclude_self), q_ij <= e_ij, so every
-// term the one-sided form resolves (q_ij above the exponential's floor) is
-// resolved here too. Rows with log Z_i < 0 are returned in `rest`, with
-// u_i = 0: their terms are left to one_sided_targets. p is packed in
-// order.refs (xrows: the points in that order); lnorm and rest are by
-// input row, u and tot by packed position.
+// A term is lost here where e_ij falls under the exponential's floor
+// (e^-87 in float, e^-708 in double), i.e. where q_ij < e^floor / Z_i. Rows
+// join while log Z_i >= -targets_margin<T> (always when log Z_i >= 0, as
+// without exclude_self), so what is lost stays under e^-47 in float and
+// e^-308 in double, and while u_i stays far inside T's range (|u_i| <=
+// 2^100 in float, 2^900 in double); on float distances also while log Z_i
+// >= drift_floor (below it the logits' float error reaches q, see
+// drift_floor). Other rows are returned in `rest`, with u_i = 0: their
+// terms are left to one_sided_targets. At the "nn" bandwidth with
+// exclude_self most rows have log Z_i < 0 (59% on fold), which all went
+// one-sided, unpruned, when rows joined only from log Z_i >= 0. p is
+// packed in order.refs (xrows: the points in that order); lnorm and rest
+// are by input row, u and tot by packed position.
+template <class T>
+constexpr double targets_margin() {
+    return std::is_same_v<T, float> ? 40.0 : 400.0;
+}
+
 template <class T>
 void symmetric_targets(const Args& a, const PackedRefs& p, const Order& order, const T* xrows, const double* lnorm,
                        double* tot, std::vector<index_t>& rest, Control& ctl) {
@@ -1419,20 +1431,24 @@ void symmetric_targets(const Args& a, const PackedRefs& p, const Order& order, c
     const double* c = p.shift();
     // the weight vectors and products in T (see pair_targets), the sums in double
     std::vector<T> u(static_cast<std::size_t>(n * dw), T(0)), ut(static_cast<std::size_t>(nt * per), T(0));
+    const bool single = std::is_same_v<T, float>;
+    const double lowest = std::max(-targets_margin<T>(), p.single ? drift_floor(d) : kNegInf);
+    const double largest = single ? 0x1p100 : 0x1p900;
     for (index_t i = 0; i < n; ++i) {
         const index_t g = order.refs[static_cast<std::size_t>(i)];
-        if (!(lnorm[g] >= 0.0)) {
-            rest.push_back(g);
-            continue;
-        }
-        T* ui = u.data() + i * dw;
         const double w = std::exp(-lnorm[g]);
         double sq = 0.0;
         for (index_t k = 0; k < d; ++k) {
             const double v = static_cast<double>(x[g * d + k]) - (c ? c[k] : 0.0);
-            ui[1 + k] = static_cast<T>(w * v);
             sq += v * v;
         }
+        if (!(lnorm[g] >= lowest) || !(w * (1.0 + sq) <= largest)) {
+            rest.push_back(g);
+            continue;
+        }
+        T* ui = u.data() + i * dw;
+        for (index_t k = 0; k < d; ++k)
+            ui[1 + k] = static_cast<T>(w * (static_cast<double>(x[g * d + k]) - (c ? c[k] : 0.0)));
         ui[0] = static_cast<T>(w);
         ui[d + 1] = static_cast<T>(w * sq);
         T* col = ut.data() + (i / p.tb) * per + i % p.tb;
@@ -1485,8 +1501,8 @@ void targets(const Args& a, double* w, double* s1, double* s2, Control& ctl) {
     std::vector<double> lnorm(static_cast<std::size_t>(n));
     const std::vector<index_t> drift = self_normalizer<T>(a, p, lnorm.data(), ctl, &sr.order, sr.x);
     // Pass 2: the sums, each pair once, and the rows left over one-sided
-    // (log Z < 0), with double distances if any of them needs them
-    // (drift_floor: they are among the rest).
+    // (log Z far below 0, see symmetric_targets), with double distances if
+    // any of them needs them (drift_floor: they are among the rest).
     std::vector<double> tot(static_cast<std::size_t>(p.ntiles * dw * p.ld), 0.0);
     std::vector<index_t> rest;
     symmetric_targets<T>(a, p, sr.order, sr.x, lnorm.data(), tot.data(), rest, ctl);
