@@ -1304,6 +1304,13 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
         double* colsum = diag ? nullptr : sums.data() + tb * p.tb;
         for (index_t r0 = ta * p.tb; r0 < end; r0 += kRows) {
             const index_t rows = std::min(kRows, end - r0);
+            if (!diag) {
+                // the block alone, as the pair above
+                const double bound = block_logit_bound(p, r0, tb, a.scale);
+                if (bound < exp_floor<T>() && bound < col_floor &&
+                    bound < *std::min_element(thr + r0, thr + r0 + rows))
+                    continue;
+            }
             if constexpr (std::is_same_v<T, float>) {
                 if (p.single) {
                     // logits' sums and the float distances from one leaf,
