@@ -41,7 +41,7 @@ struct PackedRefs {
     // squared norm there (for the expansion's rounding error); set by
     // add_boxes for the symmetric passes, empty otherwise.
     std::vector<double> lo, hi;  // ntiles * d
-    std::vector<double> blo, bhi;  // the same per block of kRows packed rows
+    std::vector<double> blo, bhi;  // the same per row block (blocks_per_tile per tile)
     double r2max = 0.0;
 
     const double* shift() const { return center.empty() ? nullptr : center.data(); }
@@ -132,11 +132,14 @@ PackedRefs pack(const T* x, index_t n, index_t d, index_t tile, int threads, boo
     return p;
 }
 
-// Fills p.lo, p.hi, p.blo, p.bhi and p.r2max (see PackedRefs). Tiles
-// start at multiples of kTileAlign, so no block of kRows straddles two.
+// Row blocks of kRows per tile: the passes cut each tile's rows into
+// blocks from its first row (a tile's length need not be a multiple of
+// kRows when block_size is given).
+index_t blocks_per_tile(const PackedRefs& p) { return (p.tb + kRows - 1) / kRows; }
+
+// Fills p.lo, p.hi, p.blo, p.bhi and p.r2max (see PackedRefs).
 void add_boxes(PackedRefs& p) {
-    static_assert(kTileAlign % kRows == 0, "row blocks within tiles");
-    const index_t d = p.d, nb = (p.n + kRows - 1) / kRows;
+    const index_t d = p.d, nb = p.ntiles * blocks_per_tile(p);
     constexpr double kInf = std::numeric_limits<double>::infinity();
     p.lo.assign(static_cast<std::size_t>(p.ntiles * d), kInf);
     p.hi.assign(static_cast<std::size_t>(p.ntiles * d), -kInf);
@@ -144,7 +147,7 @@ void add_boxes(PackedRefs& p) {
     p.bhi.assign(static_cast<std::size_t>(nb * d), -kInf);
     for (index_t t = 0; t < p.ntiles; ++t) {
         for (index_t j = 0; j < p.len(t); ++j) {
-            const std::size_t b = static_cast<std::size_t>((t * p.tb + j) / kRows * d);
+            const std::size_t b = static_cast<std::size_t>((t * blocks_per_tile(p) + j / kRows) * d);
             double sq = 0.0;
             for (index_t k = 0; k < d; ++k) {
                 const double v = p.single ? static_cast<double>(p.ftile(t)[k * p.ld + j]) : p.tile(t)[k * p.ld + j];
@@ -183,10 +186,11 @@ double logit_bound(const PackedRefs& p, index_t ta, index_t tb, double scale) {
     return box_logit_bound(p, p.lo.data() + a, p.hi.data() + a, p.lo.data() + b, p.hi.data() + b, scale);
 }
 
-// The same between the block of kRows packed rows from r0 (a multiple of
-// kRows) and tile t.
+// The same between the row block from packed row r0 (a tile's first row
+// plus a multiple of kRows) and tile t.
 double block_logit_bound(const PackedRefs& p, index_t r0, index_t t, double scale) {
-    const std::size_t a = static_cast<std::size_t>(r0 / kRows * p.d), b = static_cast<std::size_t>(t * p.d);
+    const index_t ta = r0 / p.tb, block = ta * blocks_per_tile(p) + (r0 - ta * p.tb) / kRows;
+    const std::size_t a = static_cast<std::size_t>(block * p.d), b = static_cast<std::size_t>(t * p.d);
     return box_logit_bound(p, p.blo.data() + a, p.bhi.data() + a, p.lo.data() + b, p.hi.data() + b, scale);
 }
 
