@@ -21,6 +21,7 @@ from kernel_reference import (
     make_data,
     ref_log_normalizer,
     ref_log_posterior,
+    to_numpy,
     tol,
 )
 
@@ -412,3 +413,20 @@ def test_far_apart_data_any_tile_length(backend, block_size, d, exclude_self):
     assert_lognorm_close(mapa.log_normalizer(X, **kw), ref_log_normalizer(X, X, h, exclude_self), np.float64)
     check_topk(mapa.log_posterior_topk(X, k=16, **kw), X, X, h, 16, np.float64, exclude_self)
     check_targets(mapa.posterior_targets(X, **kw), X, h, np.float64, exclude_self)
+
+
+def test_self_term_exact_above_32_features(backend):
+    # Points far apart in 40 dimensions (every other logit below -1e5): each
+    # row's only term is its own, so log Z is exactly 0, as is log q(n|n).
+    # Above 32 features the compiled kernel forms distances by the
+    # expansion ||y||^2 + ||x||^2 - 2 x.y, which leaves ~1e-16 ||x||^2 on
+    # the self term (log Z -1e-10 here); it sets that term to 0.
+    rng = np.random.default_rng(4)
+    X = 100.0 * rng.standard_normal((300, 40))
+    kw = dict(bandwidth=1.0, backend=backend)
+    np.testing.assert_array_equal(to_numpy(mapa.log_normalizer(X, **kw)), 0.0)
+    np.testing.assert_array_equal(np.diagonal(to_numpy(mapa.log_posterior(X, **kw))), 0.0)
+    top = mapa.log_posterior_topk(X, k=3, **kw)
+    np.testing.assert_array_equal(to_numpy(top.indices)[:, 0], np.arange(300))
+    np.testing.assert_array_equal(to_numpy(top.log_prob)[:, 0], 0.0)
+    np.testing.assert_array_equal(to_numpy(mapa.posterior_targets(X, **kw).weights), 1.0)

@@ -240,9 +240,13 @@ struct RowBlock {
 };
 
 // Logits of the loaded rows against tile t, self terms set to -inf, and
-// (when with_max) each row's maximum over the tile in b.tmax.
+// (when with_max) each row's maximum over the tile in b.tmax. With
+// self_zero (the queries are the references, self terms kept), the
+// expansion's self terms are set to exactly 0: ||y||^2 + ||x||^2 - 2 x.y
+// leaves ~1e-16 ||x||^2 there, which moved log Z by up to 2e-10 (past the
+// float64 tolerance) where the bandwidth is small against the spread.
 void tile_logits(const PackedRefs& p, RowBlock& b, index_t rows, index_t t, double scale, bool exclude_self,
-                 bool with_max = true) {
+                 bool with_max = true, bool self_zero = false) {
     const index_t len = p.len(t);
     if (p.expand) {
         logits_expand(p.tile(t), p.norm(t), p.ld, p.ld, p.d, b.y.data(), b.ynorm.data(), rows, scale,
@@ -263,6 +267,14 @@ void tile_logits(const PackedRefs& p, RowBlock& b, index_t rows, index_t t, doub
             double* row = b.logits.data() + r * p.ld;
             row[g - c0] = kNegInf;
             if (with_max) b.tmax[r] = tile_max(row, len);
+        }
+    } else if (self_zero && p.expand) {
+        const index_t c0 = t * p.tb, c1 = c0 + len;
+        for (index_t r = 0; r < rows; ++r) {
+            const index_t g = b.self[r];
+            if (g < c0 || g >= c1) continue;
+            b.logits[static_cast<std::size_t>(r * p.ld + g - c0)] = 0.0;
+            if (with_max) b.tmax[r] = std::max(b.tmax[r], 0.0);
         }
     }
 }
@@ -546,7 +558,8 @@ void over_query_blocks(const Args& a, const PackedRefs& p, Control& ctl, MakeSta
             const index_t t0 = order ? order->start[static_cast<std::size_t>(b)] : 0;
             for (index_t i = 0; i < p.ntiles; ++i) {
                 const index_t t = (t0 + i) % p.ntiles;
-                tile_logits(p, s.block, rows, t, a.scale, a.exclude_self);
+                tile_logits(p, s.block, rows, t, a.scale, a.exclude_self, true,
+                            a.y == a.x && a.m == a.n && !a.exclude_self);
                 visit_tile(s, r0, rows, t);
             }
             finish(s, r0, rows);
@@ -844,7 +857,8 @@ std::vector<index_t> self_normalizer(const Args& a, const PackedRefs& p, double*
                                 colsum, a.exclude_self && ta == tb ? r0 - tb * p.tb : -1);
                 return;
             }
-            tile_logits(p, b, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
+            tile_logits(p, b, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false,
+                        ta == tb && !a.exclude_self);
             exp_sums(b.logits.data(), p.ld, rows, p.len(tb), sums.data() + r0, colsum, T{});
         });
     return self_logs<T>(a, p, sums.data(), out, ctl, order);
@@ -1328,7 +1342,7 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
                 }
             }
             w.block.load(sr.x, r0, rows, a.d, p.shift(), nullptr, nullptr);
-            tile_logits(p, w.block, rows, tb, a.scale, a.exclude_self && diag);
+            tile_logits(p, w.block, rows, tb, a.scale, a.exclude_self && diag, true, diag && !a.exclude_self);
             exp_sums(w.block.logits.data(), ld, rows, len, sums.data() + r0, colsum, T{});
             select_block(w, LogitView{w.block.logits.data(), w.block.tmax.data(), ld}, r0, rows, tb, diag, col_floor);
         }
@@ -1432,7 +1446,7 @@ void one_sided_targets(const Args& a, const PackedRefs& p, const Order& order, c
             for (index_t r0 = 0; r0 < m; r0 += kRows) {
                 const index_t nr = std::min(kRows, m - r0);
                 b.load(x, r0, nr, d, p.shift(), rows.data(), order.position.data());
-                tile_logits(p, b, nr, t, a.scale, a.exclude_self, /*with_max=*/false);
+                tile_logits(p, b, nr, t, a.scale, a.exclude_self, /*with_max=*/false, !a.exclude_self);
                 accumulate_targets(b.logits.data(), p.ld, ln.data() + r0, b.y.data(), b.ynorm.data(), nr, d, acc,
                                    acc + p.ld, acc + (d + 1) * p.ld, T{});
             }
@@ -1520,7 +1534,8 @@ void symmetric_targets(const Args& a, const PackedRefs& p, const Order& order, c
                 }
             }
             s.block.load(xrows, r0, rows, d, c, nullptr, nullptr);
-            tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false);
+            tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false,
+                        ta == tb && !a.exclude_self);
             pair_targets(s.block.logits.data(), ld, rows, u.data() + r0 * dw, ut.data() + tb * per, dw, cols,
                          rows_acc, s.q.data());
         });
