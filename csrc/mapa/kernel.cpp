@@ -239,14 +239,27 @@ struct RowBlock {
     }
 };
 
-// Logits of the loaded rows against tile t, self terms set to -inf, and
-// (when with_max) each row's maximum over the tile in b.tmax. With
-// self_zero (the queries are the references, self terms kept), the
-// expansion's self terms are set to exactly 0: ||y||^2 + ||x||^2 - 2 x.y
-// leaves ~1e-16 ||x||^2 there, which moved log Z by up to 2e-10 (past the
-// float64 tolerance) where the bandwidth is small against the spread.
-void tile_logits(const PackedRefs& p, RowBlock& b, index_t rows, index_t t, double scale, bool exclude_self,
-                 bool with_max = true, bool self_zero = false) {
+// Queries are the references themselves (Y is X).
+bool self_queries(const Args& a) { return a.y == a.x && a.m == a.n; }
+
+// What tile_logits does with a row's own column (RowBlock::self) where it
+// falls in the tile: nothing (kOther: the rows are not the references'
+// points, or the tile cannot hold their columns), -inf (kDrop,
+// exclude_self), or exactly 0 (kZero, on the expansion path: ||y||^2 +
+// ||x||^2 - 2 x.y leaves ~1e-16 ||x||^2 there, which moved log Z by up to
+// 2e-10, past the float64 tolerance, where the bandwidth is small against
+// the spread; the direct paths give 0 already).
+enum class SelfTerm { kOther, kDrop, kZero };
+
+// The rule for a's rows; `own`: their own columns may be in the tile.
+SelfTerm self_term(const Args& a, bool own) {
+    return !own ? SelfTerm::kOther : a.exclude_self ? SelfTerm::kDrop : SelfTerm::kZero;
+}
+
+// Logits of the loaded rows against tile t, the self terms as `self` says,
+// and (when with_max) each row's maximum over the tile in b.tmax.
+void tile_logits(const PackedRefs& p, RowBlock& b, index_t rows, index_t t, double scale, SelfTerm self,
+                 bool with_max = true) {
     const index_t len = p.len(t);
     if (p.expand) {
         logits_expand(p.tile(t), p.norm(t), p.ld, p.ld, p.d, b.y.data(), b.ynorm.data(), rows, scale,
@@ -259,23 +272,15 @@ void tile_logits(const PackedRefs& p, RowBlock& b, index_t rows, index_t t, doub
         logits_direct(p.tile(t), p.ld, p.ld, p.d, b.y.data(), rows, scale, b.logits.data(), len,
                       with_max ? b.tmax.data() : nullptr);
     }
-    if (exclude_self) {
-        const index_t c0 = t * p.tb, c1 = c0 + len;
-        for (index_t r = 0; r < rows; ++r) {
-            const index_t g = b.self[r];
-            if (g < c0 || g >= c1) continue;
-            double* row = b.logits.data() + r * p.ld;
-            row[g - c0] = kNegInf;
-            if (with_max) b.tmax[r] = tile_max(row, len);
-        }
-    } else if (self_zero && p.expand) {
-        const index_t c0 = t * p.tb, c1 = c0 + len;
-        for (index_t r = 0; r < rows; ++r) {
-            const index_t g = b.self[r];
-            if (g < c0 || g >= c1) continue;
-            b.logits[static_cast<std::size_t>(r * p.ld + g - c0)] = 0.0;
-            if (with_max) b.tmax[r] = std::max(b.tmax[r], 0.0);
-        }
+    if (self == SelfTerm::kOther || (self == SelfTerm::kZero && !p.expand)) return;
+    const bool drop = self == SelfTerm::kDrop;
+    const index_t c0 = t * p.tb, c1 = c0 + len;
+    for (index_t r = 0; r < rows; ++r) {
+        const index_t g = b.self[r];
+        if (g < c0 || g >= c1) continue;
+        double* row = b.logits.data() + r * p.ld;
+        row[g - c0] = drop ? kNegInf : 0.0;
+        if (with_max) b.tmax[r] = drop ? tile_max(row, len) : std::max(b.tmax[r], 0.0);
     }
 }
 
@@ -558,8 +563,7 @@ void over_query_blocks(const Args& a, const PackedRefs& p, Control& ctl, MakeSta
             const index_t t0 = order ? order->start[static_cast<std::size_t>(b)] : 0;
             for (index_t i = 0; i < p.ntiles; ++i) {
                 const index_t t = (t0 + i) % p.ntiles;
-                tile_logits(p, s.block, rows, t, a.scale, a.exclude_self, true,
-                            a.y == a.x && a.m == a.n && !a.exclude_self);
+                tile_logits(p, s.block, rows, t, a.scale, self_term(a, a.exclude_self || self_queries(a)));
                 visit_tile(s, r0, rows, t);
             }
             finish(s, r0, rows);
@@ -715,7 +719,7 @@ index_t pair_units(const PackedRefs& p, index_t ta, index_t tb) {
 // 0 (tiles_apart at `floor`) are left out, and so are the row blocks of the
 // others whose own box puts them that far from tb (block_logit_bound: on
 // fold at the "nn" bandwidth a fifth of the blocks left; one thread, N =
-// 20 000, the normaliser went from 35 to ~20 ms). Progress counts the
+// 20 000, the normaliser went from 36.5 to 30.3 ms). Progress counts the
 // ordered pairs each tile pair stands for.
 template <class State, class MakeState, class Body>
 void over_tile_pairs(const PackedRefs& p, int threads, double scale, double floor, Control& ctl,
@@ -731,9 +735,6 @@ void over_tile_pairs(const PackedRefs& p, int threads, double scale, double floo
         },
         [&](index_t ta, index_t tb) { return pair_units(p, ta, tb); });
 }
-
-// Queries are the references themselves (Y is X).
-bool self_queries(const Args& a) { return a.y == a.x && a.m == a.n; }
 
 // A one-sided pass over just the query rows `rows` (input rows, in that
 // order, every block starting at tile 0): their Order, and Args with m the
@@ -857,8 +858,7 @@ std::vector<index_t> self_normalizer(const Args& a, const PackedRefs& p, double*
                                 colsum, a.exclude_self && ta == tb ? r0 - tb * p.tb : -1);
                 return;
             }
-            tile_logits(p, b, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false,
-                        ta == tb && !a.exclude_self);
+            tile_logits(p, b, rows, tb, a.scale, self_term(a, ta == tb), /*with_max=*/false);
             exp_sums(b.logits.data(), p.ld, rows, p.len(tb), sums.data() + r0, colsum, T{});
         });
     return self_logs<T>(a, p, sums.data(), out, ctl, order);
@@ -1342,7 +1342,7 @@ void symmetric_topk(const Args& a, index_t k, index_t* indices, T* log_prob, T* 
                 }
             }
             w.block.load(sr.x, r0, rows, a.d, p.shift(), nullptr, nullptr);
-            tile_logits(p, w.block, rows, tb, a.scale, a.exclude_self && diag, true, diag && !a.exclude_self);
+            tile_logits(p, w.block, rows, tb, a.scale, self_term(a, diag));
             exp_sums(w.block.logits.data(), ld, rows, len, sums.data() + r0, colsum, T{});
             select_block(w, LogitView{w.block.logits.data(), w.block.tmax.data(), ld}, r0, rows, tb, diag, col_floor);
         }
@@ -1446,7 +1446,7 @@ void one_sided_targets(const Args& a, const PackedRefs& p, const Order& order, c
             for (index_t r0 = 0; r0 < m; r0 += kRows) {
                 const index_t nr = std::min(kRows, m - r0);
                 b.load(x, r0, nr, d, p.shift(), rows.data(), order.position.data());
-                tile_logits(p, b, nr, t, a.scale, a.exclude_self, /*with_max=*/false, !a.exclude_self);
+                tile_logits(p, b, nr, t, a.scale, self_term(a, true), /*with_max=*/false);
                 accumulate_targets(b.logits.data(), p.ld, ln.data() + r0, b.y.data(), b.ynorm.data(), nr, d, acc,
                                    acc + p.ld, acc + (d + 1) * p.ld, T{});
             }
@@ -1534,8 +1534,7 @@ void symmetric_targets(const Args& a, const PackedRefs& p, const Order& order, c
                 }
             }
             s.block.load(xrows, r0, rows, d, c, nullptr, nullptr);
-            tile_logits(p, s.block, rows, tb, a.scale, a.exclude_self && ta == tb, /*with_max=*/false,
-                        ta == tb && !a.exclude_self);
+            tile_logits(p, s.block, rows, tb, a.scale, self_term(a, ta == tb), /*with_max=*/false);
             pair_targets(s.block.logits.data(), ld, rows, u.data() + r0 * dw, ut.data() + tb * per, dw, cols,
                          rows_acc, s.q.data());
         });
