@@ -382,16 +382,17 @@ def test_pruned_tile_pairs_change_nothing(monkeypatch, d, dtype, exclude_self):
     X, h = _spread(900, d, dtype, seed=d)
     scale = 1.0 / (2 * h * h)
     X64 = X.astype(np.float64)
-    ids = nb._pair_order(X64, scale, nb._float_distances(X, scale), 32)
+    ids, Xs, lo, hi = nb._pair_order(X64, scale, nb._float_distances(X, scale), 32)
     assert ids is not None
-    lo, hi = nb._tile_boxes(X64[ids], 32)
+    np.testing.assert_array_equal(Xs, X64[ids])
     far = [-scale * nb._gap_bound(lo, hi, a, b) < -709.0 for a in range(len(lo)) for b in range(a + 1, len(lo))]
     assert np.mean(far) > 0.3
     kw = dict(exclude_self=exclude_self, block_size=32)
     pruned = _all_outputs(X, 8, bandwidth=h, **kw)
     wide = lambda Xs, tile: (np.full((-(-len(Xs) // tile), d), -np.inf), np.full((-(-len(Xs) // tile), d), np.inf))
     monkeypatch.setattr(nb, "_tile_boxes", wide)
-    monkeypatch.setattr(nb, "_pair_order", lambda *args: ids)  # sorted as before
+    # sorted as before, with the boxes that never prune
+    monkeypatch.setattr(nb, "_pair_order", lambda X64, scale, single, tile: (ids, X64[ids]) + wide(X64, tile))
     full = _all_outputs(X, 8, bandwidth=h, **kw)
     for name in pruned:
         np.testing.assert_array_equal(pruned[name], full[name], err_msg=name)

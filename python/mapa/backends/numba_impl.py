@@ -1427,23 +1427,27 @@ def _apart_share(lo, hi, scale, floor):
 
 
 def _pair_order(X64, scale, single, tile):
-    """The symmetric passes' order of the points: _locality_order, or None (input order).
+    """The symmetric passes' order of the points and its tiles' boxes: (ids, Xo, lo, hi).
 
-    Sorted, a tile holds nearby points and pairs of tiles far apart have
-    every term between them 0 (_gap_bound), which the passes leave out.
-    The cpp kernel's rule (sorted_refs): tried when the data's diameter is
-    over twice the distance at which exp's floor is reached (e^-709, or
-    e^-88 in single precision), kept when at least a quarter of the pairs
-    of tiles of length ``tile`` are then left out (else the sort costs more
-    than it saves).
+    ids is _locality_order, or None for the input order; Xo is X64 in that
+    order (X64 itself when None), and lo, hi its tiles' boxes (_tile_boxes,
+    tiles of length ``tile``). Sorted, a tile holds nearby points and
+    pairs of tiles far apart have every term between them 0 (_gap_bound),
+    which the passes leave out. The cpp kernel's rule (sorted_refs): tried
+    when the data's diameter is over twice the distance at which exp's
+    floor is reached (e^-709, or e^-88 in single precision), kept when at
+    least a quarter of the pairs of tiles are then left out (else the sort
+    costs more than it saves).
     """
     floor = _EXP_FLOOR_F if single else _EXP_MIN - 1.0
     span = X64.max(axis=0) - X64.min(axis=0)
-    if not float(span @ span) > 4.0 * -floor / float(scale):
-        return None
-    ids = _locality_order(X64)
-    lo, hi = _tile_boxes(X64[ids], tile)
-    return ids if _apart_share(lo, hi, float(scale), floor) >= 0.25 else None
+    if float(span @ span) > 4.0 * -floor / float(scale):
+        ids = _locality_order(X64)
+        Xs = np.ascontiguousarray(X64[ids])
+        lo, hi = _tile_boxes(Xs, tile)
+        if _apart_share(lo, hi, float(scale), floor) >= 0.25:
+            return ids, Xs, lo, hi
+    return (None, X64) + _tile_boxes(X64, tile)
 
 
 def _unsort(ids, a):
@@ -1453,23 +1457,26 @@ def _unsort(ids, a):
     return out
 
 
-def _self_log_norm(X, X64, XT, scale, exclude_self, block_size, num_threads, progress, sort=True):
+def _self_log_norm(X, X64, XT, scale, exclude_self, block_size, num_threads, progress, boxes=None):
     """(dmin, logs) of every point as its own query, each unordered pair once.
 
     X is the input (its dtype picks the precision, see _float_distances),
     X64 and XT its float64 copies: _sums_rounds_f on float32 copies, or
-    _sums_rounds on X64 and XT. With ``sort``, the points go in
-    _pair_order (the results are by input point either way).
+    _sums_rounds on X64 and XT. The points go in _pair_order (the results
+    are by input point), unless ``boxes`` is given: then X is already in
+    the passes' order and boxes is its (lo, hi) from _pair_order.
     """
     N, D = X64.shape
     single = _float_distances(X, scale)
     tile = _pair_tile(N, D, block_size)
-    ids = _pair_order(X64, scale, single, tile) if sort else None
-    if ids is not None:
-        X = X[ids]
-        X64 = np.ascontiguousarray(X64[ids])
-        XT = np.ascontiguousarray(X64.T)
-    lo, hi = _tile_boxes(X64, tile)
+    ids = None
+    if boxes is None:
+        ids, X64, lo, hi = _pair_order(X64, scale, single, tile)
+        if ids is not None:
+            X = X[ids]
+            XT = np.ascontiguousarray(X64.T)
+    else:
+        lo, hi = boxes
     sums = np.zeros(N)
     if single:
         Xk = np.ascontiguousarray(X, dtype=np.float32)
@@ -1733,10 +1740,10 @@ def targets(X, scale, exclude_self, block_size=0, num_threads=1, progress=None):
     N, D = X.shape
     X64 = np.ascontiguousarray(X, dtype=np.float64)
     # every pass in _pair_order; acc's columns by input point at the end
-    ids = _pair_order(X64, scale, _float_distances(X, scale), _pair_tile(N, D, block_size))
+    tile = _pair_tile(N, D, block_size)
+    ids, X64, lo, hi = _pair_order(X64, scale, _float_distances(X, scale), tile)
     if ids is not None:
         X = X[ids]
-        X64 = np.ascontiguousarray(X64[ids])
     # UT = u_n = (1, x_n, ||x_n||^2) per point, feature-major; its rows 1 .. D are XT
     UT = np.empty((D + 2, N))
     UT[0] = 1.0
@@ -1747,16 +1754,14 @@ def targets(X, scale, exclude_self, block_size=0, num_threads=1, progress=None):
     # pass 1: normaliser of every row n (progress 0 .. N)
     dmin, logs = _self_log_norm(
         X, X64, XT, scale, exclude_self, block_size, num_threads,
-        None if progress is None else (lambda done, _total: progress(done, total)), sort=False,
+        None if progress is None else (lambda done, _total: progress(done, total)), boxes=(lo, hi),
     )
     # pass 2: the sums, each unordered pair once (progress N .. 2N), with
     # V = u_n / Z_n; rows with too small a normaliser get V = 0 and go one-sided
     neg_a = float(scale) * dmin - logs  # -log Z_n
     safe = neg_a <= _LOGZ_MARGIN
     V = UT * np.where(safe, np.exp(np.minimum(neg_a, _LOGZ_MARGIN)), 0.0)
-    tile = _pair_tile(N, D, block_size)
     neg_a_max = np.maximum.reduceat(np.where(safe, neg_a, -np.inf), np.arange(0, N, tile))
-    lo, hi = _tile_boxes(X64, tile)
     acc = np.zeros((D + 2, N))
 
     def run(nt, r0, r1, s0, s1):
