@@ -21,11 +21,13 @@
 #define MAPA_HAVE_CLONES 0
 #endif
 
+
 namespace mapa {
 
 // Eight doubles: one AVX-512 register, two AVX2 or four SSE2 registers,
 // depending on the clone the compiler is building.
 typedef double v8d __attribute__((vector_size(64)));
+typedef std::int64_t v8l64 __attribute__((vector_size(64)));
 
 [[gnu::always_inline]] static inline v8d load8(const double* p) {
     v8d v;
@@ -100,15 +102,60 @@ template <int R, bool Expand, bool Shared>
     for (int r = 0; r < R; ++r) acc[r][0] = a[r][0], acc[r][1] = a[r][1];
 }
 
-// -scale * max(0, ||y||^2 + ||x||^2 - 2 y.x) for 16 columns, stored at o.
-[[gnu::always_inline]] static inline void expand_store(const v8d (&acc)[2], double yn, v8d xn0, v8d xn1,
-                                                       double scale, double* o) {
-    v8d d0 = yn + xn0 - 2.0 * acc[0];
-    v8d d1 = yn + xn1 - 2.0 * acc[1];
-    d0 = d0 > 0.0 ? d0 : 0.0;
-    d1 = d1 > 0.0 ? d1 : 0.0;
-    store8(o, d0 * -scale);
-    store8(o + 8, d1 * -scale);
+// The expansion ||y||^2 + ||x||^2 - 2 y.x rounds relative to the norms, not
+// to the distance: its error, up to about (d + 3) 2^-53 (||y||^2 + ||x||^2),
+// swamps the distance of two close points far from the mean (clusters of
+// width 1.3e-4, 4 from the mean in 81 dimensions, at h = 1.4e-4 moved log Z
+// by 5e-5). A column is recomputed by explicit differences, as
+// logits_direct sums them, where its distance is under kRefineShare of
+// ||y||^2 + ||x||^2 (so that the expansion's bound would exceed 8 (d + 3) /
+// (d + 1) times explicit differences' own, relative, one) and that bound,
+// scaled, exceeds 2^-46 in the logit: ||y||^2 + ||x||^2 > refine_floor(..).
+// Other columns' logits then carry at most 8 times the relative error of
+// explicit differences, or 2^-46 absolute.
+constexpr double kRefineShare = 0.125;
+
+static inline double refine_floor(double scale, index_t d) { return 0x1p7 / (scale * static_cast<double>(d + 3)); }
+
+// Whether any lane of the masks is set.
+[[gnu::always_inline]] static inline bool any_lane(v8l64 m) {
+    std::int64_t a = 0;
+    for (int i = 0; i < 8; ++i) a |= m[i];
+    return a != 0;
+}
+
+// -scale * max(0, ||y||^2 + ||x||^2 - 2 y.x) for n <= 4 rows ys[r] (norm
+// yn[r]) against 16 columns each (from xs[r], or xs[0] for all when Shared;
+// row stride ld, norms xn[r]), from their dot products acc[r], stored at
+// o[r]. The columns the rule above picks are recomputed by explicit
+// differences, all n rows in one pass: its eight accumulator chains run
+// side by side, so a block costs one pass whether one row needs it or four.
+template <int R, bool Shared>
+[[gnu::always_inline]] static inline void expand_store(const v8d (&acc)[R][2], const double (&yn)[R],
+                                                       const v8d (&xn)[R][2], index_t n, double scale,
+                                                       double refine_above, const double* const* xs, index_t ld,
+                                                       index_t d, const double* const* ys, double* const (&o)[R]) {
+    v8d dist[R][2];
+    v8l64 mask[R][2], any = {};
+    for (index_t r = 0; r < R; ++r) {
+        for (int h = 0; h < 2; ++h) {
+            const v8d s = yn[r] + xn[r][h];
+            const v8d e = s - 2.0 * acc[r][h];
+            dist[r][h] = e > 0.0 ? e : 0.0;
+            mask[r][h] = (s > refine_above) & (dist[r][h] < kRefineShare * s);
+            if (r < n) any |= mask[r][h];
+        }
+    }
+    if (any_lane(any)) [[unlikely]] {
+        v8d e[R][2];
+        column_sums<R, false, Shared>(xs, ld, d, ys, e);
+        for (index_t r = 0; r < n; ++r)
+            for (int h = 0; h < 2; ++h) dist[r][h] = mask[r][h] ? e[r][h] : dist[r][h];
+    }
+    for (index_t r = 0; r < n; ++r) {
+        store8(o[r], dist[r][0] * -scale);
+        store8(o[r] + 8, dist[r][1] * -scale);
+    }
 }
 
 // top = max(top, v[0], .., v[N - 1]), where v[i] holds columns j0 + 8i ..
@@ -161,7 +208,6 @@ void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const 
 }
 
 // exp_nonpos (exp.hpp, double) on eight lanes: lane by lane the scalar's bits.
-typedef std::int64_t v8l64 __attribute__((vector_size(64)));
 [[gnu::always_inline]] static inline v8d exp8(v8d x) { return exp_nonpos_f64<v8d, v8l64>(x); }
 
 MAPA_CLONES
@@ -171,6 +217,7 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t co
     // of four rows before moving on, so it is read from L1, not L2; each
     // block keeps its 4 x 16 dot products in eight vector registers.
     constexpr index_t kBlockRows = 4;
+    const double refine_above = refine_floor(scale, d);
     for (index_t j0 = 0; j0 < cols; j0 += 16) {
         const v8d xn0 = load8(xnorm + j0), xn1 = load8(xnorm + j0 + 8);
         for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
@@ -180,10 +227,16 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t co
             const double* xs[1] = {xt + j0};
             v8d acc[kBlockRows][2];
             column_sums<kBlockRows, true, true>(xs, ld, d, ys, acc);
-            for (index_t r = 0; r < nr; ++r) {
-                double* o = out + (r0 + r) * cols + j0;
-                expand_store(acc[r], ynorm[r0 + r], xn0, xn1, scale, o);
+            double yn[kBlockRows];
+            v8d xn[kBlockRows][2];
+            double* o[kBlockRows];
+            for (index_t r = 0; r < kBlockRows; ++r) {
+                const index_t i = r < nr ? r : nr - 1;
+                yn[r] = ynorm[r0 + i];
+                xn[r][0] = xn0, xn[r][1] = xn1;
+                o[r] = out + (r0 + i) * cols + j0;
             }
+            expand_store<kBlockRows, true>(acc, yn, xn, nr, scale, refine_above, xs, ld, d, ys, o);
         }
     }
 }
@@ -203,15 +256,23 @@ void logits_visits(const double* const* xt, const double* const* xnorm, index_t 
     } else {
         column_sums<4, false, false>(xs, ld, d, ys, acc);
     }
-    for (int v = 0; v < static_cast<int>(n); ++v) {
-        double* o = out + 16 * v;
-        if (xnorm) {
-            expand_store(acc[v], ynorm[v], load8(xnorm[v]), load8(xnorm[v] + 8), scale, o);
-        } else {
-            store8(o, acc[v][0] * -scale);
-            store8(o + 8, acc[v][1] * -scale);
+    if (!xnorm) {
+        for (index_t v = 0; v < n; ++v) {
+            store8(out + 16 * v, acc[v][0] * -scale);
+            store8(out + 16 * v + 8, acc[v][1] * -scale);
         }
+        return;
     }
+    double yn[4];
+    v8d xn[4][2];
+    double* o[4];
+    for (index_t v = 0; v < 4; ++v) {
+        const index_t i = v < n ? v : n - 1;
+        yn[v] = ynorm[i];
+        xn[v][0] = load8(xnorm[i]), xn[v][1] = load8(xnorm[i] + 8);
+        o[v] = out + 16 * i;
+    }
+    expand_store<4, false>(acc, yn, xn, n, scale, refine_floor(scale, d), xs, ld, d, ys, o);
 }
 
 // Single-precision direct path (float32 problems, d <= kDirectMaxFeatures):

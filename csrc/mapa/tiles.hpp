@@ -29,15 +29,19 @@ void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const 
                    index_t rows, double scale, double* out, index_t len = 0, double* row_max = nullptr);
 
 // Same quantity from the expansion ||y||^2 + ||x||^2 - 2 y.x (clamped at 0),
-// register-blocked over four rows: the fast path for many features.
+// register-blocked over four rows: the fast path for many features. Where
+// the expansion's rounding (relative to the norms) could swamp a distance,
+// the column is recomputed by explicit differences as logits_direct sums
+// them (tiles.cpp, kRefineShare): close points far from the mean at a small
+// bandwidth keep logits_direct's accuracy.
 void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t cols, index_t d,
                    const double* y, const double* ynorm, index_t rows, double scale, double* out);
 
 // n <= 4 visits at once: visit v is one row y[v] against the 16 columns at
 // xt[v] (row stride ld), written to out[16 v, 16 v + 16). The expansion
 // when xnorm is given (xnorm[v]: those columns' squared norms, ynorm[v]:
-// the row's), explicit differences otherwise; the same values, bit for bit,
-// as logits_expand / logits_direct.
+// the row's, refined as logits_expand refines), explicit differences
+// otherwise; the same values, bit for bit, as logits_expand / logits_direct.
 void logits_visits(const double* const* xt, const double* const* xnorm, index_t ld, index_t d,
                    const double* const* y, const double* ynorm, index_t n, double scale, double* out);
 
