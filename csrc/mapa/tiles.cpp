@@ -55,6 +55,35 @@ typedef float v8f __attribute__((vector_size(32)));
     hi = __builtin_convertvector(b, v8d);
 }
 
+// Whether the 64-byte vectors above are native registers: where the
+// x86-64-v4 (AVX-512) clone runs. Elsewhere GCC gives them no register mode
+// and keeps every such variable on the stack (the AVX2 clone ran its dot
+// products 5-16x slower than numba), so the loops over the features below
+// work on 32-byte pieces there. Either way each lane sees the same
+// operations in the same order: the results are the same, bit for bit.
+typedef double v4d __attribute__((vector_size(32)));
+
+static bool detect_wide_vectors() {
+#if MAPA_HAVE_CLONES
+    __builtin_cpu_init();  // this runs among static initialisers
+    return __builtin_cpu_supports("x86-64-v4");
+#else
+    return false;
+#endif
+}
+static const bool kWideVectors = detect_wide_vectors();
+
+// f applied to the two 32-byte halves of the 64-byte vector x.
+template <class H, class W, class F>
+[[gnu::always_inline]] static inline W by_halves(W x, F f) {
+    H h[2];
+    std::memcpy(h, &x, sizeof h);
+    h[0] = f(h[0]);
+    h[1] = f(h[1]);
+    std::memcpy(&x, h, sizeof h);
+    return x;
+}
+
 // Pointers to rows r0 .. r0 + 3 of y (row stride `stride`) for a four-row
 // block of which nr >= 1 rows exist; missing rows repeat the last one, and
 // their results are not stored.
@@ -76,30 +105,45 @@ template <class E>
 // at xs[r], or at xs[0] for every row when Shared (one load serves all rows).
 // The block-of-four leaves and the (row, block) visits both go through here,
 // so every logit is accumulated the same way, bit for bit.
-template <int R, bool Expand, bool Shared>
-[[gnu::always_inline]] static inline void column_sums(const double* const* xs, index_t ld, index_t d,
-                                                      const double* const* ys, v8d (&acc)[R][2]) {
+template <class H, int R, bool Expand, bool Shared>
+[[gnu::always_inline]] static inline void column_sums_in(const double* const* xs, index_t ld, index_t d,
+                                                         const double* const* ys, v8d (&acc)[R][2]) {
     // local accumulators, indexed only by unrolled constants: kept in registers
-    v8d a[R][2];
+    constexpr int P = 2 * sizeof(v8d) / sizeof(H);  // pieces of 16 columns
+    H a[R][P];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = v8d{};
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int q = 0; q < P; ++q) a[r][q] = H{};
     for (index_t k = 0; k < d; ++k) {
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
-            const double* xk = xs[Shared ? 0 : r] + k * ld;
-            const v8d x0 = load8(xk), x1 = load8(xk + 8);
-            if constexpr (Expand) {
-                a[r][0] += ys[r][k] * x0;
-                a[r][1] += ys[r][k] * x1;
-            } else {
-                const v8d e0 = x0 - ys[r][k], e1 = x1 - ys[r][k];
-                a[r][0] += e0 * e0;
-                a[r][1] += e1 * e1;
+            H x[P];
+            std::memcpy(x, xs[Shared ? 0 : r] + k * ld, sizeof x);
+            const double yk = ys[r][k];
+#pragma GCC unroll 4
+            for (int q = 0; q < P; ++q) {
+                if constexpr (Expand) {
+                    a[r][q] += yk * x[q];
+                } else {
+                    const H e = x[q] - yk;
+                    a[r][q] += e * e;
+                }
             }
         }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[r][0] = a[r][0], acc[r][1] = a[r][1];
+    for (int r = 0; r < R; ++r) std::memcpy(acc[r], a[r], sizeof acc[r]);
+}
+
+template <int R, bool Expand, bool Shared>
+[[gnu::always_inline]] static inline void column_sums(const double* const* xs, index_t ld, index_t d,
+                                                      const double* const* ys, v8d (&acc)[R][2]) {
+    if (kWideVectors) {
+        column_sums_in<v8d, R, Expand, Shared>(xs, ld, d, ys, acc);
+    } else {
+        column_sums_in<v4d, R, Expand, Shared>(xs, ld, d, ys, acc);
+    }
 }
 
 // The expansion ||y||^2 + ||x||^2 - 2 y.x rounds relative to the norms, not
@@ -208,7 +252,12 @@ void logits_direct(const double* xt, index_t ld, index_t cols, index_t d, const 
 }
 
 // exp_nonpos (exp.hpp, double) on eight lanes: lane by lane the scalar's bits.
-[[gnu::always_inline]] static inline v8d exp8(v8d x) { return exp_nonpos_f64<v8d, v8l64>(x); }
+// (In 32-byte halves where 64-byte vectors are not native: kWideVectors.)
+typedef std::int64_t v4l64 __attribute__((vector_size(32)));
+[[gnu::always_inline]] static inline v8d exp8(v8d x) {
+    if (kWideVectors) return exp_nonpos_f64<v8d, v8l64>(x);
+    return by_halves<v4d>(x, [](v4d h) __attribute__((always_inline)) { return exp_nonpos_f64<v4d, v4l64>(h); });
+}
 
 MAPA_CLONES
 void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t cols, index_t d,
@@ -281,29 +330,40 @@ void logits_visits(const double* const* xt, const double* const* xnorm, index_t 
 // Row r's columns start at xs[r], or at xs[0] for every row when Shared.
 // Every float leaf goes through here, so a logit's value depends only on
 // its row and column.
-template <int R, int C, bool Shared>
-[[gnu::always_inline]] static inline void column_sums_f(const float* const* xs, index_t ld, index_t d,
-                                                        const float* const* ys, v16f (&acc)[R][C]) {
-    v16f a[R][C];
+template <class H, int R, int C, bool Shared>
+[[gnu::always_inline]] static inline void column_sums_f_in(const float* const* xs, index_t ld, index_t d,
+                                                           const float* const* ys, v16f (&acc)[R][C]) {
+    constexpr int P = C * sizeof(v16f) / sizeof(H);  // pieces of 16 C columns
+    H a[R][P];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-        for (int c = 0; c < C; ++c) a[r][c] = v16f{};
+#pragma GCC unroll 4
+        for (int q = 0; q < P; ++q) a[r][q] = H{};
     for (index_t k = 0; k < d; ++k) {
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-            const float* xk = xs[Shared ? 0 : r] + k * ld;
-#pragma GCC unroll 2
-            for (int c = 0; c < C; ++c) {
-                const v16f e = load16(xk + 16 * c) - ys[r][k];
-                a[r][c] += e * e;
+            H x[P];
+            std::memcpy(x, xs[Shared ? 0 : r] + k * ld, sizeof x);
+            const float yk = ys[r][k];
+#pragma GCC unroll 4
+            for (int q = 0; q < P; ++q) {
+                const H e = x[q] - yk;
+                a[r][q] += e * e;
             }
         }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-        for (int c = 0; c < C; ++c) acc[r][c] = a[r][c];
+    for (int r = 0; r < R; ++r) std::memcpy(acc[r], a[r], sizeof acc[r]);
+}
+
+template <int R, int C, bool Shared>
+[[gnu::always_inline]] static inline void column_sums_f(const float* const* xs, index_t ld, index_t d,
+                                                        const float* const* ys, v16f (&acc)[R][C]) {
+    if (kWideVectors) {
+        column_sums_f_in<v16f, R, C, Shared>(xs, ld, d, ys, acc);
+    } else {
+        column_sums_f_in<v8f, R, C, Shared>(xs, ld, d, ys, acc);
+    }
 }
 
 // -scale * s for 16 columns of squared distances s, widened to double.
@@ -344,7 +404,11 @@ void logits_direct(const float* xt, index_t ld, index_t cols, index_t d, const f
 
 // exp_nonpos (exp.hpp, float) on sixteen lanes: lane by lane the scalar's bits.
 typedef std::int32_t v16i __attribute__((vector_size(64)));
-[[gnu::always_inline]] static inline v16f exp16(v16f x) { return exp_nonpos_f32<v16f, v16i>(x); }
+typedef std::int32_t v8i __attribute__((vector_size(32)));
+[[gnu::always_inline]] static inline v16f exp16(v16f x) {
+    if (kWideVectors) return exp_nonpos_f32<v16f, v16i>(x);
+    return by_halves<v8f>(x, [](v8f h) __attribute__((always_inline)) { return exp_nonpos_f32<v8f, v8i>(h); });
+}
 
 // What the fused leaves need of their precision, by overload: the column
 // sums of four rows against two vectors of columns (acc[r][h]: columns
