@@ -21,7 +21,6 @@
 #define MAPA_HAVE_CLONES 0
 #endif
 
-
 namespace mapa {
 
 // Eight doubles: one AVX-512 register, two AVX2 or four SSE2 registers,
@@ -63,7 +62,9 @@ typedef float v8f __attribute__((vector_size(32)));
 // operations in the same order: the results are the same, bit for bit.
 typedef double v4d __attribute__((vector_size(32)));
 
-static bool detect_wide_vectors() {
+// Whether the loader picks the x86-64-v4 clone on this CPU: the clone
+// resolver's own test (selected_isa reports it too).
+static bool v4_clone() {
 #if MAPA_HAVE_CLONES
     __builtin_cpu_init();  // this runs among static initialisers
     return __builtin_cpu_supports("x86-64-v4");
@@ -71,7 +72,7 @@ static bool detect_wide_vectors() {
     return false;
 #endif
 }
-static const bool kWideVectors = detect_wide_vectors();
+static const bool kWideVectors = v4_clone();
 
 // f applied to the two 32-byte halves of the 64-byte vector x.
 template <class H, class W, class F>
@@ -149,7 +150,7 @@ template <int R, bool Expand, bool Shared>
 // The expansion ||y||^2 + ||x||^2 - 2 y.x rounds relative to the norms, not
 // to the distance: its error, up to about (d + 3) 2^-53 (||y||^2 + ||x||^2),
 // swamps the distance of two close points far from the mean (clusters of
-// width 1.3e-4, 4 from the mean in 81 dimensions, at h = 1.4e-4 moved log Z
+// width 1.3e-4, about 38 from the mean in 81 dimensions, at h = 1.4e-4 moved log Z
 // by 5e-5). A column is recomputed by explicit differences, as
 // logits_direct sums them, where its distance is under kRefineShare of
 // ||y||^2 + ||x||^2 (so that the expansion's bound would exceed 8 (d + 3) /
@@ -169,21 +170,22 @@ static inline double refine_floor(double scale, index_t d) { return 0x1p7 / (sca
 }
 
 // -scale * max(0, ||y||^2 + ||x||^2 - 2 y.x) for n <= 4 rows ys[r] (norm
-// yn[r]) against 16 columns each (from xs[r], or xs[0] for all when Shared;
-// row stride ld, norms xn[r]), from their dot products acc[r], stored at
-// o[r]. The columns the rule above picks are recomputed by explicit
-// differences, all n rows in one pass: its eight accumulator chains run
-// side by side, so a block costs one pass whether one row needs it or four.
+// yn[r]) against 16 columns each (from xs[r] with norms xn[r], or xs[0] and
+// xn[0] for all when Shared; row stride ld), from their dot products
+// acc[r], stored at o[r]. The columns the rule above picks are recomputed
+// by explicit differences, all n rows in one pass: its eight accumulator
+// chains run side by side, so a block costs one pass whether one row needs
+// it or four.
 template <int R, bool Shared>
 [[gnu::always_inline]] static inline void expand_store(const v8d (&acc)[R][2], const double (&yn)[R],
-                                                       const v8d (&xn)[R][2], index_t n, double scale,
+                                                       const v8d (*xn)[2], index_t n, double scale,
                                                        double refine_above, const double* const* xs, index_t ld,
                                                        index_t d, const double* const* ys, double* const (&o)[R]) {
     v8d dist[R][2];
     v8l64 mask[R][2], any = {};
     for (index_t r = 0; r < R; ++r) {
         for (int h = 0; h < 2; ++h) {
-            const v8d s = yn[r] + xn[r][h];
+            const v8d s = yn[r] + xn[Shared ? 0 : r][h];
             const v8d e = s - 2.0 * acc[r][h];
             dist[r][h] = e > 0.0 ? e : 0.0;
             mask[r][h] = (s > refine_above) & (dist[r][h] < kRefineShare * s);
@@ -268,7 +270,7 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t co
     constexpr index_t kBlockRows = 4;
     const double refine_above = refine_floor(scale, d);
     for (index_t j0 = 0; j0 < cols; j0 += 16) {
-        const v8d xn0 = load8(xnorm + j0), xn1 = load8(xnorm + j0 + 8);
+        const v8d xn[1][2] = {{load8(xnorm + j0), load8(xnorm + j0 + 8)}};
         for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
             const index_t nr = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
             const double* ys[kBlockRows];
@@ -277,12 +279,10 @@ void logits_expand(const double* xt, const double* xnorm, index_t ld, index_t co
             v8d acc[kBlockRows][2];
             column_sums<kBlockRows, true, true>(xs, ld, d, ys, acc);
             double yn[kBlockRows];
-            v8d xn[kBlockRows][2];
             double* o[kBlockRows];
             for (index_t r = 0; r < kBlockRows; ++r) {
                 const index_t i = r < nr ? r : nr - 1;
                 yn[r] = ynorm[r0 + i];
-                xn[r][0] = xn0, xn[r][1] = xn1;
                 o[r] = out + (r0 + i) * cols + j0;
             }
             expand_store<kBlockRows, true>(acc, yn, xn, nr, scale, refine_above, xs, ld, d, ys, o);
@@ -1123,8 +1123,7 @@ void pair_targets(const float* q, index_t qld, index_t ld, index_t rows, const f
 
 const char* selected_isa() {
 #if MAPA_HAVE_CLONES
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4 clone)";
+    if (kWideVectors) return "avx512 (x86-64-v4 clone)";
     if (__builtin_cpu_supports("x86-64-v3")) return "avx2+fma (x86-64-v3 clone)";
     return "baseline x86-64 (default clone)";
 #else
