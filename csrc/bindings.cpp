@@ -132,6 +132,8 @@ py::tuple targets(const py::array& x, double scale, bool exclude_self, std::int6
 py::dict build_info() {
     py::dict d;
     d["isa"] = mapa::selected_isa();
+    d["vector_bytes"] = mapa::vector_bytes();
+    d["cpu_vector_bytes"] = mapa::cpu_vector_bytes();
     d["openmp"] = mapa::have_openmp();
     d["openmp_version"] = mapa::openmp_version();
     d["max_threads"] = mapa::max_threads();

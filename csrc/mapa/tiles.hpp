@@ -1,9 +1,11 @@
 // Tile-level leaf loops of the kernel: the only code that runs per pair.
 //
-// Every leaf works on double-precision, tile-packed data and is compiled as
-// GCC target clones (AVX-512, AVX2+FMA and baseline x86-64), picked at load
-// time by the CPU it runs on, so one wheel runs on any x86-64 and uses the
-// widest vectors available.
+// Every leaf works on tile-packed data and is compiled once per x86-64 level
+// (AVX-512, AVX2+FMA and baseline), picked at load time by the CPU it runs
+// on, so one wheel runs on any x86-64 and uses the widest vectors
+// available: the leaves that hold vectors are templates on the native
+// width (lanes.hpp), run through MAPA_BY_WIDTH; the plain loops are GCC
+// target clones.
 //
 // Packed layout: references are cut into tiles of `tb` points; tile t holds
 // `d` rows of `ld` doubles (feature-major, ld = tb rounded up to kTileAlign),
@@ -178,5 +180,11 @@ void pair_targets(const float* q, index_t qld, index_t ld, index_t rows, const f
 
 // Name of the clone the loader picked on this CPU ("avx512", "avx2", "baseline").
 const char* selected_isa();
+
+// Bytes per native vector of the leaves' code: the CPU's widest (64 with
+// AVX-512, 32 with AVX2 + FMA, 16 below), or less where the environment
+// variable MAPA_VECTOR_BYTES asked for less when the module loaded.
+int vector_bytes();
+int cpu_vector_bytes();
 
 }  // namespace mapa

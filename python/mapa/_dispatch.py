@@ -4,6 +4,13 @@
 cpp -> numba -> numpy. The environment variable ``MAPA_BACKEND`` (one of
 ``cpp``, ``numba``, ``numpy``) replaces that automatic choice; an explicit
 ``backend=`` argument always wins over it.
+
+``MAPA_VECTOR_BYTES`` (16, 32 or 64), read when the compiled kernel loads,
+caps the vector width of its per-pair loops below what the CPU has, so that
+the narrower code can be tested on a wider machine. Widths 32 and 64 give
+the same results bit for bit; 16 (no fused multiply-add) differs in the
+last bits. Any other value is an error for ``backend="auto"`` and
+``"cpp"`` (the cpp backend does not load).
 """
 
 from __future__ import annotations
@@ -21,14 +28,26 @@ _MODULES = {
     "numpy": "mapa.backends.numpy_ref",
 }
 ENV_VAR = "MAPA_BACKEND"
+WIDTH_VAR = "MAPA_VECTOR_BYTES"
 
 _loaded: dict[str, ModuleType | None] = {}
 _errors: dict[str, str] = {}
 
 
+def _check_width() -> None:
+    width = os.environ.get(WIDTH_VAR, "").strip()
+    if width not in ("", "16", "32", "64"):
+        raise ValueError(
+            f"environment variable {WIDTH_VAR}={width!r} is not a vector width; "
+            "set it to 16, 32 or 64 (bytes), or unset it to use the widest this CPU has"
+        )
+
+
 def _load(name: str) -> ModuleType | None:
     if name not in _loaded:
         try:
+            if name == "cpp":
+                _check_width()  # before the module reads it
             _loaded[name] = importlib.import_module(_MODULES[name])
         except Exception as exc:  # missing extension, missing numba, broken build
             _loaded[name] = None
@@ -57,6 +76,7 @@ def resolve_backend(backend: object = "auto") -> str:
         if forced and forced != "auto":
             backend, source = forced, f"environment variable {ENV_VAR}"
         else:
+            _check_width()  # a mistyped width must not quietly cost the cpp backend
             for name in BACKENDS:
                 if _load(name) is not None:
                     return name
