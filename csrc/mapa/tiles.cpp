@@ -108,66 +108,59 @@ template <int B, int R, int PiecesPerRow>
 constexpr int rows_per_pass() {
     constexpr int most = (B == 64 ? 16 : 8) / PiecesPerRow;
     constexpr int g = most < 1 ? 1 : most < R ? most : R;
-    static_assert(R % g == 0 || g == 1, "whole passes");
-    return R % g == 0 ? g : 1;
+    static_assert(R % g == 0, "whole passes");
+    return g;
 }
 
-// Sums over the d features of G rows ys[r], in native pieces H: P pieces of
-// columns from xs[r] (xs[0] when Shared, row stride ld), squared
-// differences or (Expand) products, added to a[r][q] (piece q of row r:
-// local accumulators, indexed only by unrolled constants, kept in registers).
-template <class H, int G, int P, bool Expand, bool Shared, class E>
-[[gnu::always_inline]] static inline void piece_sums(const E* const* xs, index_t ld, index_t d, const E* const* ys,
-                                                     H (&a)[G][P]) {
-    constexpr int L = sizeof(H) / sizeof(E);
-    for (index_t k = 0; k < d; ++k) {
+// For R rows ys[r] against C lane groups of columns of a tile with row
+// stride ld (V = lanes64<E, B>: eight doubles or sixteen floats per group),
+// sums over the d features of squared differences (Expand false) or of
+// products (Expand true), in E: acc[r][c] holds columns c L .. c L + L - 1.
+// Row r's columns start at xs[r], or at xs[0] for every row when Shared
+// (one load serves all rows of a pass). With From, the sums start at acc's
+// values rather than at zero (the features before xs and ys, summed in
+// order, stored and reloaded exactly). Every leaf of a precision goes
+// through here, so a logit's value depends only on its row and column, bit
+// for bit: each (row, column) sum runs over the features in order, whichever
+// rows share its pass.
+template <int B, int R, bool Expand, bool Shared, bool From = false, class E, int C>
+[[gnu::always_inline]] static inline void column_sums(const E* const* xs, index_t ld, index_t d, const E* const* ys,
+                                                      lanes64<E, B> (&acc)[R][C]) {
+    using H = vec<E, B>;
+    constexpr int Q = 64 / B;                    // pieces per lane group
+    constexpr int P = C * Q;                     // pieces per row
+    constexpr int L = sizeof(H) / sizeof(E);     // lanes per piece
+    constexpr int G = rows_per_pass<B, R, P>();  // rows per pass
+#pragma GCC unroll 4
+    for (int g = 0; g < R; g += G) {
+        // local accumulators, indexed only by unrolled constants: kept in registers
+        H a[G][P];
+#pragma GCC unroll 4
+        for (int r = 0; r < G; ++r)
 #pragma GCC unroll 16
-        for (int r = 0; r < G; ++r) {
-            const E* x = xs[Shared ? 0 : r] + k * ld;
-            const E yk = ys[r][k];
+            for (int q = 0; q < P; ++q) a[r][q] = From ? piece(acc[g + r][q / Q], q % Q) : H{};
+        for (index_t k = 0; k < d; ++k) {
 #pragma GCC unroll 16
-            for (int q = 0; q < P; ++q) {
-                H xq;  // piece by piece: one memcpy of the whole would go through the stack
-                std::memcpy(&xq, x + q * L, sizeof xq);
-                if constexpr (Expand) {
-                    a[r][q] += yk * xq;
-                } else {
-                    const H e = xq - yk;
-                    a[r][q] += e * e;
+            for (int r = 0; r < G; ++r) {
+                const E* x = xs[Shared ? 0 : g + r] + k * ld;
+                const E yk = ys[g + r][k];
+#pragma GCC unroll 16
+                for (int q = 0; q < P; ++q) {
+                    H xq;  // piece by piece: one memcpy of the whole would go through the stack
+                    std::memcpy(&xq, x + q * L, sizeof xq);
+                    if constexpr (Expand) {
+                        a[r][q] += yk * xq;
+                    } else {
+                        const H e = xq - yk;
+                        a[r][q] += e * e;
+                    }
                 }
             }
         }
-    }
-}
-
-// For R rows ys[r] against 16 columns of a tile with row stride ld, sums over
-// the d features of squared differences (Expand false) or of products
-// (Expand true): acc[r][h] holds columns 8h .. 8h + 7. Row r's columns start
-// at xs[r], or at xs[0] for every row when Shared (one load serves all rows
-// of a pass). The block-of-four leaves and the (row, block) visits both go
-// through here, so every logit is accumulated the same way, bit for bit:
-// each (row, column) sum runs over the features in order, whichever rows
-// share its pass.
-// With From, the sums start at acc's values rather than at zero (the
-// features before xs and ys, summed in order, stored and reloaded exactly).
-template <int B, int R, bool Expand, bool Shared, bool From = false>
-[[gnu::always_inline]] static inline void column_sums(const double* const* xs, index_t ld, index_t d,
-                                                      const double* const* ys, D8<B> (&acc)[R][2]) {
-    using H = vec<double, B>;
-    constexpr int Q = 64 / B;  // pieces of eight columns
-    constexpr int G = rows_per_pass<B, R, 2 * Q>();
-#pragma GCC unroll 4
-    for (int g = 0; g < R; g += G) {
-        H a[G][2 * Q];
 #pragma GCC unroll 4
         for (int r = 0; r < G; ++r)
 #pragma GCC unroll 16
-            for (int q = 0; q < 2 * Q; ++q) a[r][q] = From ? piece(acc[g + r][q / Q], q % Q) : H{};
-        piece_sums<H, G, 2 * Q, Expand, Shared>(xs + (Shared ? 0 : g), ld, d, ys + g, a);
-#pragma GCC unroll 4
-        for (int r = 0; r < G; ++r)
-#pragma GCC unroll 16
-            for (int q = 0; q < 2 * Q; ++q) piece(acc[g + r][q / Q], q % Q) = a[r][q];
+            for (int q = 0; q < P; ++q) piece(acc[g + r][q / Q], q % Q) = a[r][q];
     }
 }
 
@@ -300,14 +293,12 @@ template <int B>
                 for (index_t r = 0; r < kBlockRows; ++r) o[r] = out + (r0 + (r < nr ? r : nr - 1)) * cols + j0;
                 const double* ysk[kBlockRows] = {ys[0] + k0, ys[1] + k0, ys[2] + k0, ys[3] + k0};
                 const double* xsk[1] = {xs[0] + k0 * ld};
-                V acc[kBlockRows][2];
-                if (k0 == 0) {
-                    column_sums<B, kBlockRows, true, true>(xsk, ld, k1 - k0, ysk, acc);
-                } else {
+                V acc[kBlockRows][2] = {};
+                if (k0 > 0) {
                     for (index_t r = 0; r < kBlockRows; ++r)
                         acc[r][0] = load_lanes<V>(o[r]), acc[r][1] = load_lanes<V>(o[r] + 8);
-                    column_sums<B, kBlockRows, true, true, true>(xsk, ld, k1 - k0, ysk, acc);
                 }
+                column_sums<B, kBlockRows, true, true, true>(xsk, ld, k1 - k0, ysk, acc);
                 if (k1 < d) {
                     for (index_t r = 0; r < nr; ++r) store_lanes(o[r], acc[r][0]), store_lanes(o[r] + 8, acc[r][1]);
                     continue;
@@ -367,33 +358,6 @@ void logits_visits(const double* const* xt, const double* const* xnorm, index_t 
     MAPA_BY_WIDTH(logits_visits_at<B>(xt, xnorm, ld, d, y, ynorm, n, scale, out));
 }
 
-// Single-precision direct path (float32 problems, d <= kDirectMaxFeatures):
-// for R rows ys[r] against 16 * C columns, the sum over the d features of
-// squared differences, in float; acc[r][c] holds columns 16c .. 16c + 15.
-// Row r's columns start at xs[r], or at xs[0] for every row when Shared.
-// Every float leaf goes through here, so a logit's value depends only on
-// its row and column.
-template <int B, int R, int C, bool Shared>
-[[gnu::always_inline]] static inline void column_sums_f(const float* const* xs, index_t ld, index_t d,
-                                                        const float* const* ys, F16<B> (&acc)[R][C]) {
-    using H = vec<float, B>;
-    constexpr int Q = 64 / B;  // pieces of sixteen columns
-    constexpr int G = rows_per_pass<B, R, C * Q>();
-#pragma GCC unroll 4
-    for (int g = 0; g < R; g += G) {
-        H a[G][C * Q];
-#pragma GCC unroll 4
-        for (int r = 0; r < G; ++r)
-#pragma GCC unroll 16
-            for (int q = 0; q < C * Q; ++q) a[r][q] = H{};
-        piece_sums<H, G, C * Q, false, Shared>(xs + (Shared ? 0 : g), ld, d, ys + g, a);
-#pragma GCC unroll 4
-        for (int r = 0; r < G; ++r)
-#pragma GCC unroll 16
-            for (int q = 0; q < C * Q; ++q) piece(acc[g + r][q / Q], q % Q) = a[r][q];
-    }
-}
-
 // -scale * s for 16 columns of squared distances s, widened to double.
 template <int B>
 [[gnu::always_inline]] static inline void scaled16(const F16<B>& s, double scale, D8<B>& lo, D8<B>& hi) {
@@ -419,7 +383,7 @@ template <int B>
         for (index_t j0 = 0; j0 < cols; j0 += 32) {
             const float* xs[1] = {xt + j0};
             F16<B> acc[kBlockRows][2];
-            column_sums_f<B, kBlockRows, 2, true>(xs, ld, d, ys, acc);
+            column_sums<B, kBlockRows, false, true>(xs, ld, d, ys, acc);
             for (index_t r = 0; r < nr; ++r) {
                 double* o = out + (r0 + r) * cols + j0;
                 V v[4];
@@ -436,22 +400,6 @@ template <int B>
 void logits_direct(const float* xt, index_t ld, index_t cols, index_t d, const float* y, index_t rows,
                    double scale, double* out, index_t len, double* row_max) {
     MAPA_BY_WIDTH(logits_direct_f_at<B>(xt, ld, cols, d, y, rows, scale, out, len, row_max));
-}
-
-// What the fused leaves need of their precision, by overload: the column
-// sums of four rows against two vectors of columns (acc[r][h]: columns
-// L h .. L h + L - 1 of the block at xt).
-template <int B>
-[[gnu::always_inline]] static inline void tile_sums(const double* xt, index_t ld, index_t d,
-                                                    const double* const* ys, D8<B> (&acc)[4][2]) {
-    const double* xs[1] = {xt};
-    column_sums<B, 4, false, true>(xs, ld, d, ys, acc);
-}
-template <int B>
-[[gnu::always_inline]] static inline void tile_sums(const float* xt, index_t ld, index_t d, const float* const* ys,
-                                                    F16<B> (&acc)[4][2]) {
-    const float* xs[1] = {xt};
-    column_sums_f<B, 4, 2, true>(xs, ld, d, ys, acc);
 }
 
 // The fused leaf, in E (64 bytes of lanes, V: sixteen floats or eight
@@ -486,7 +434,8 @@ template <class E, int B, bool Store>
         for (auto& m : low) m = splat<V>(kInf);
         for (index_t j0 = 0; j0 < cols; j0 += W) {
             V acc[kBlockRows][2];
-            tile_sums<B>(xt + j0, ld, d, ys, acc);
+            const E* xs[1] = {xt + j0};
+            column_sums<B, kBlockRows, false, true>(xs, ld, d, ys, acc);
             if (self0 >= 0 && self0 + r0 + kBlockRows > j0 && self0 + r0 < j0 + W) {
                 for (index_t r = 0; r < kBlockRows; ++r)
                     for (int h = 0; h < 2; ++h)
@@ -569,7 +518,7 @@ template <int B>
         for (index_t j0 = 0; j0 < ld; j0 += 32) {
             const float* xs[1] = {xt + j0};
             F16<B> acc[kBlockRows][2];
-            column_sums_f<B, kBlockRows, 2, true>(xs, ld, d, ys, acc);
+            column_sums<B, kBlockRows, false, true>(xs, ld, d, ys, acc);
             for (index_t r = 0; r < nr; ++r) {
                 float* o = q + (r0 + r) * qld + j0;
                 store_lanes(o, exp_lanes(acc[r][0] * ms));
@@ -592,7 +541,7 @@ template <int B>
     four_visits(xt, n, xs);
     four_visits(y, n, ys);
     F16<B> acc[4][1];
-    column_sums_f<B, 4, 1, false>(xs, ld, d, ys, acc);
+    column_sums<B, 4, false, false>(xs, ld, d, ys, acc);
     for (int v = 0; v < static_cast<int>(n); ++v) {
         D8<B> lo, hi;
         scaled16<B>(acc[v][0], scale, lo, hi);
@@ -614,50 +563,78 @@ double tile_max(const double* v, index_t len) {
     return m;
 }
 
-template <int B>
-[[gnu::always_inline]] static inline index_t positions_at_least_at(const double* v, index_t len, double thr,
-                                                                  std::int32_t* out) {
-    using V = D8<B>;
-    // Runs of 16 with no hit are skipped by one vector test; a run with hits
-    // is compacted without branches.
+// The tests the scans below take, on vectors (giving lane masks) and on
+// scalars alike.
+struct AtLeast {
+    template <class A, class T>
+    [[gnu::always_inline]] auto operator()(const A& a, const T& t) const {
+        return a >= t;
+    }
+};
+struct AtMost {
+    template <class A, class T>
+    [[gnu::always_inline]] auto operator()(const A& a, const T& t) const {
+        return a <= t;
+    }
+};
+
+// Writes the positions j < len with hit(v[j], t) to out, ascending; returns
+// how many. Runs of 16 with no hit are skipped by one vector test; a run
+// with hits is compacted without branches.
+template <int B, class E, class Hit>
+[[gnu::always_inline]] static inline index_t positions_where(const E* v, index_t len, E t, Hit hit,
+                                                             std::int32_t* out) {
+    using V = lanes64<E, B>;
+    constexpr index_t L = lanes_of<V>;  // 8 doubles or 16 floats
+    static_assert(16 % L == 0, "runs of 16");
     index_t c = 0, j = 0;
     for (; j + 16 <= len; j += 16) {
-        const V a = load_lanes<V>(v + j), b = load_lanes<V>(v + j + 8);
-        if (!(lane_max(select(a > b, a, b)) >= thr)) continue;
+        auto any = hit(load_lanes<V>(v + j), t);
+        for (index_t i = L; i < 16; i += L) any = any | hit(load_lanes<V>(v + j + i), t);
+        if (!any_lane(any)) continue;
         for (index_t i = j; i < j + 16; ++i) {
             out[c] = static_cast<std::int32_t>(i);
-            c += v[i] >= thr;
+            c += hit(v[i], t);
         }
     }
     for (; j < len; ++j) {
         out[c] = static_cast<std::int32_t>(j);
-        c += v[j] >= thr;
+        c += hit(v[j], t);
     }
     return c;
 }
 
 index_t positions_at_least(const double* v, index_t len, double thr, std::int32_t* out) {
-    MAPA_BY_WIDTH(positions_at_least_at<B>(v, len, thr, out));
+    MAPA_BY_WIDTH(positions_where<B>(v, len, thr, AtLeast{}, out));
 }
 
-template <int B>
-[[gnu::always_inline]] static inline index_t columns_at_least_at(const double* v, index_t ld, index_t rows,
-                                                                index_t len, const double* thr, std::int32_t* cols,
-                                                                std::uint32_t* masks) {
-    using V = D8<B>;
+index_t positions_at_most(const float* s, index_t len, float bound, std::int32_t* out) {
+    MAPA_BY_WIDTH(positions_where<B>(s, len, bound, AtMost{}, out));
+}
+
+// Writes the columns j < len at which some row r < rows of v (row stride
+// ld) has hit(v[r * ld + j], t[j]) to cols, ascending, and the set of those
+// rows (bit r) to masks; returns how many. A lane group of columns at a
+// time: one test per row against the columns' t, or-ed over the rows; only
+// a group with a hit is tested again for each column's row mask.
+template <int B, class E, class Hit>
+[[gnu::always_inline]] static inline index_t columns_where(const E* v, index_t ld, index_t rows, index_t len,
+                                                           const E* t, Hit hit, std::int32_t* cols,
+                                                           std::uint32_t* masks) {
+    using V = lanes64<E, B>;
     using M = decltype(V{} < V{});
-    // Eight columns at a time: one compare per row against the columns'
-    // thresholds, or-ed over the rows; only a group with a hit is scanned
-    // again for each column's row mask.
+    using Bit = lane_t<M>;
+    constexpr index_t L = lanes_of<V>;
     index_t c = 0, j = 0;
-    for (; j + 8 <= len; j += 8) {
-        const V t = load_lanes<V>(thr + j);
-        M hit = {};
-        for (index_t r = 0; r < rows; ++r) hit |= load_lanes<V>(v + r * ld + j) >= t;
-        if (!any_lane(hit)) continue;
+    for (; j + L <= len; j += L) {
+        const V tj = load_lanes<V>(t + j);
+        M any = {};
+        for (index_t r = 0; r < rows; ++r) any |= hit(load_lanes<V>(v + r * ld + j), tj);
+        if (!any_lane(any)) continue;
         M bits = {};
-        for (index_t r = 0; r < rows; ++r) bits |= (load_lanes<V>(v + r * ld + j) >= t) & (std::int64_t{1} << r);
-        for (int i = 0; i < 8; ++i) {
+        for (index_t r = 0; r < rows; ++r)
+            bits |= hit(load_lanes<V>(v + r * ld + j), tj) & static_cast<Bit>(std::uint64_t{1} << r);
+        for (int i = 0; i < static_cast<int>(L); ++i) {
             cols[c] = static_cast<std::int32_t>(j + i);
             masks[c] = static_cast<std::uint32_t>(lane(bits, i));
             c += lane(bits, i) != 0;
@@ -665,7 +642,7 @@ template <int B>
     }
     for (; j < len; ++j) {
         std::uint32_t bits = 0;
-        for (index_t r = 0; r < rows; ++r) bits |= static_cast<std::uint32_t>(v[r * ld + j] >= thr[j]) << r;
+        for (index_t r = 0; r < rows; ++r) bits |= static_cast<std::uint32_t>(hit(v[r * ld + j], t[j])) << r;
         cols[c] = static_cast<std::int32_t>(j);
         masks[c] = bits;
         c += bits != 0;
@@ -675,68 +652,12 @@ template <int B>
 
 index_t columns_at_least(const double* v, index_t ld, index_t rows, index_t len, const double* thr,
                          std::int32_t* cols, std::uint32_t* masks) {
-    MAPA_BY_WIDTH(columns_at_least_at<B>(v, ld, rows, len, thr, cols, masks));
-}
-
-template <int B>
-[[gnu::always_inline]] static inline index_t positions_at_most_at(const float* s, index_t len, float bound,
-                                                                 std::int32_t* out) {
-    using V = F16<B>;
-    // as positions_at_least: runs of 16 with no hit skipped by one test
-    index_t c = 0, j = 0;
-    for (; j + 16 <= len; j += 16) {
-        if (!(lane_min(load_lanes<V>(s + j)) <= bound)) continue;
-        for (index_t i = j; i < j + 16; ++i) {
-            out[c] = static_cast<std::int32_t>(i);
-            c += s[i] <= bound;
-        }
-    }
-    for (; j < len; ++j) {
-        out[c] = static_cast<std::int32_t>(j);
-        c += s[j] <= bound;
-    }
-    return c;
-}
-
-index_t positions_at_most(const float* s, index_t len, float bound, std::int32_t* out) {
-    MAPA_BY_WIDTH(positions_at_most_at<B>(s, len, bound, out));
-}
-
-template <int B>
-[[gnu::always_inline]] static inline index_t columns_at_most_at(const float* s, index_t ld, index_t rows,
-                                                               index_t len, const float* bound, std::int32_t* cols,
-                                                               std::uint32_t* masks) {
-    using V = F16<B>;
-    using M = decltype(V{} < V{});
-    // as columns_at_least, sixteen columns at a time
-    index_t c = 0, j = 0;
-    for (; j + 16 <= len; j += 16) {
-        const V t = load_lanes<V>(bound + j);
-        M hit = {};
-        for (index_t r = 0; r < rows; ++r) hit |= load_lanes<V>(s + r * ld + j) <= t;
-        if (!any_lane(hit)) continue;
-        M bits = {};
-        for (index_t r = 0; r < rows; ++r)
-            bits |= (load_lanes<V>(s + r * ld + j) <= t) & static_cast<std::int32_t>(1u << r);
-        for (int i = 0; i < 16; ++i) {
-            cols[c] = static_cast<std::int32_t>(j + i);
-            masks[c] = static_cast<std::uint32_t>(lane(bits, i));
-            c += lane(bits, i) != 0;
-        }
-    }
-    for (; j < len; ++j) {
-        std::uint32_t bits = 0;
-        for (index_t r = 0; r < rows; ++r) bits |= static_cast<std::uint32_t>(s[r * ld + j] <= bound[j]) << r;
-        cols[c] = static_cast<std::int32_t>(j);
-        masks[c] = bits;
-        c += bits != 0;
-    }
-    return c;
+    MAPA_BY_WIDTH(columns_where<B>(v, ld, rows, len, thr, AtLeast{}, cols, masks));
 }
 
 index_t columns_at_most(const float* s, index_t ld, index_t rows, index_t len, const float* bound,
                         std::int32_t* cols, std::uint32_t* masks) {
-    MAPA_BY_WIDTH(columns_at_most_at<B>(s, ld, rows, len, bound, cols, masks));
+    MAPA_BY_WIDTH(columns_where<B>(s, ld, rows, len, bound, AtMost{}, cols, masks));
 }
 
 // Lane b of the result is op over the 8 lanes of m[b]: a butterfly of three
